@@ -1,0 +1,38 @@
+# The two commands a new user needs: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: run test lint unit bench fuzz debs clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+debs:
+	bash scripts/install-debs.sh
+
+run: $(STAMP)
+	$(BIN)/mailward serve --demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench fuzz
+	$(BIN)/mypy --strict src
+
+test: $(STAMP) debs lint
+	$(BIN)/python -m pytest -q
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+bench: $(STAMP) debs
+	$(BIN)/python bench/run.py
+
+fuzz: $(STAMP)
+	MAILWARD_FUZZ_SECONDS=$${MAILWARD_FUZZ_SECONDS:-600} $(BIN)/python -m pytest -q -m fuzz tests
+
+clean:
+	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache .hypothesis

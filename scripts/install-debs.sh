@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the test suite drives as real peers, only those missing.
+# Postfix is preseeded to "No configuration": tests run their own instances with `postfix -c DIR`.
+set -euo pipefail
+packages=(swaks postfix testssl.sh openssl)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -ne 0 ]; then
+  echo "mailward tests need these Debian packages: ${missing[*]}; run 'sudo apt-get install ${missing[*]}' or run make test as root." >&2
+  exit 1
+fi
+echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
