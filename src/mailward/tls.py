@@ -28,6 +28,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from mailward.queue import TlsFacts  # the queue's model records what TLS gave
+
 __all__ = [
     "TLS12_CIPHERS",
     "CertInfo",
@@ -91,15 +93,6 @@ class CertInfo:
     key_type: str
     not_before: dt.datetime
     not_after: dt.datetime
-
-
-@dataclass(frozen=True)
-class TlsFacts:
-    """The negotiated protocol and cipher, as written into the Received header."""
-
-    version: str
-    cipher: str
-    bits: int
 
 
 @dataclass(frozen=True)
