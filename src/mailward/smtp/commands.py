@@ -68,6 +68,22 @@ def xtext_encode(value: str) -> str:
     return "".join(out)
 
 
+_UTF8_XTEXT_HEX = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
+
+
+def utf8_addr_xtext_encode(value: str) -> str:
+    """RFC 6533 §3 utf-8-addr-xtext: SP, "+", "=", backslash and controls as \\x{HEX}."""
+    return "".join(f"\\x{{{ord(c):X}}}" if c in "+=\\" or ord(c) <= 32 or ord(c) == 127 else c
+                   for c in value)
+
+
+def utf8_addr_xtext_decode(value: str) -> str:
+    try:
+        return _UTF8_XTEXT_HEX.sub(lambda m: chr(int(m.group(1), 16)), value)
+    except (ValueError, OverflowError):
+        raise ValueError("malformed utf-8-addr-xtext") from None
+
+
 def _check_arg(value: str) -> str:
     if _UNSAFE_ARG.search(value):
         raise InjectionError(f"control character in SMTP command argument: {value!r}")
@@ -85,6 +101,13 @@ class MailParams:
     auth: str | None = None
 
     def to_esmtp(self) -> str:
+        # Values that could smuggle a second parameter never leave as written.
+        if self.body is not None and self.body not in BODY_TYPES:
+            raise InjectionError(f"invalid BODY value {self.body!r}")
+        if self.ret is not None and self.ret not in ("FULL", "HDRS"):
+            raise InjectionError(f"invalid RET value {self.ret!r}")
+        if self.size is not None and self.size < 0:
+            raise InjectionError("SIZE must not be negative")
         parts = []
         if self.size is not None:
             parts.append(f"SIZE={self.size}")
@@ -112,10 +135,15 @@ class RcptParams:
         parts = []
         if self.notify is not None:
             order = ("NEVER", "SUCCESS", "FAILURE", "DELAY")
+            if not self.notify or not self.notify <= NOTIFY_VALUES | {"NEVER"}:
+                raise InjectionError(f"invalid NOTIFY value {sorted(self.notify)!r}")
             parts.append("NOTIFY=" + ",".join(v for v in order if v in self.notify))
         if self.orcpt is not None:
             addr_type, _, addr = self.orcpt.partition(";")
-            enc = addr if addr_type.lower() == "utf-8" else xtext_encode(addr)
+            if not _KEYWORD.match(addr_type):
+                raise InjectionError(f"invalid ORCPT address type {addr_type!r}")
+            utf8 = addr_type.lower() == "utf-8"
+            enc = utf8_addr_xtext_encode(addr) if utf8 else xtext_encode(addr)
             parts.append(f"ORCPT={addr_type};{enc}")
         return " ".join(parts)
 
@@ -203,11 +231,10 @@ def parse_rcpt_params(text: str) -> RcptParams:
             addr_type, semi, addr = _need(key, value).partition(";")
             if not semi or not addr or not _KEYWORD.match(addr_type):
                 raise CommandError(codes.SYNTAX, "ORCPT must be addr-type;address")
-            if addr_type.lower() != "utf-8":
-                try:
-                    addr = xtext_decode(addr)
-                except ValueError:
-                    raise CommandError(codes.SYNTAX, "ORCPT is not valid xtext") from None
+            try:
+                addr = utf8_addr_xtext_decode(addr) if addr_type.lower() == "utf-8" else xtext_decode(addr)
+            except ValueError:
+                raise CommandError(codes.SYNTAX, "ORCPT is not valid xtext") from None
             orcpt = f"{addr_type};{addr}"
         else:
             raise CommandError(codes.PARAM_UNKNOWN, f"unsupported RCPT parameter {key}")

@@ -150,6 +150,7 @@ class ServerConnection:
         self._body_error: tuple[Reply, str] | None = None
         self._skip_long_line = False
         self._cr_pending = False  # BDAT: last chunk ended in CR, next may start with LF
+        self._after_crlf = True  # DATA: the content so far ends at a CRLF line boundary
         self._swallow: tuple[Reply, str, bool] | None = None  # BDAT octets to drop, then this reply
 
     # --- I/O surface -----------------------------------------------------------------------------
@@ -237,6 +238,7 @@ class ServerConnection:
                 self._txn.chunking = True
                 self._state = _State.BDAT
                 return
+            self._after_crlf = True  # the DATA command's own CRLF starts the first line
             self._send(reply or codes.START_DATA, _State.DATA)
         elif p.kind is BodyEnded:
             self._txn = None
@@ -563,8 +565,12 @@ class ServerConnection:
             return True
         txn = self._txn
         assert txn is not None
-        if self._bdat_last and self._cr_pending and txn.body != "BINARYMIME" and self._check_bare():
-            self._body_fail(codes.BARE_LF_DATA, "bare CR at end of BDAT content")
+        if self._bdat_last and self._cr_pending and self._body_error is None:
+            self._cr_pending = False
+            if self._check_bare():
+                self._body_fail(codes.BARE_LF_DATA, "bare CR at end of BDAT content")
+            elif self._account(2):
+                self._events.append(BodyChunk(b"\r\n"))
         if self._body_error is not None:
             self._reject_body()
         elif self._bdat_last:
@@ -594,15 +600,19 @@ class ServerConnection:
         assert txn is not None
         if txn.body != "BINARYMIME":
             # RFC 3030 keeps CRLF line structure for non-binary bodies; smuggling works there too.
-            joined = (b"\r" if self._cr_pending else b"") + data
-            self._cr_pending = joined.endswith(b"\r")
-            probe = joined[:-1] if self._cr_pending else joined
-            if _BARE_LF.search(probe) or _BARE_CR.search(probe):
+            # A CR ending a chunk waits for the next chunk to learn whether an LF follows.
+            if self._cr_pending:
+                data = b"\r" + data
+                self._cr_pending = False
+            if data.endswith(b"\r"):
+                data = data[:-1]
+                self._cr_pending = True
+            if _BARE_LF.search(data) or _BARE_CR.search(data):
                 if self._check_bare():
                     self._body_fail(codes.BARE_LF_DATA, "bare CR or LF in BDAT content")
                     return
                 data = self._normalize(data)
-        if self._account(len(data)):
+        if data and self._account(len(data)):
             self._events.append(BodyChunk(data))
 
     def _account(self, n: int) -> bool:
@@ -621,12 +631,15 @@ class ServerConnection:
 
     def _step_data(self) -> bool:
         buf = self._in
-        last = buf.rfind(b"\r\n")
+        # In normalize mode a bare LF also ends a line; only CRLF.CRLF ever ends the data.
+        normalize = not self._check_bare()
+        last = buf.rfind(b"\n") if normalize else buf.rfind(b"\r\n")
         if last < 0:
             return self._data_partial()
-        region = bytes(buf[: last + 2])
-        # Only <CRLF>.<CRLF> ends the data; region starts at a line start (the DATA command's CRLF).
-        if region.startswith(b".\r\n"):
+        cut = last + 1 if normalize else last + 2
+        region = bytes(buf[:cut])
+        at_crlf = self._after_crlf
+        if at_crlf and region.startswith(b".\r\n"):
             end = 0
         else:
             end = region.find(b"\r\n.\r\n")
@@ -637,23 +650,30 @@ class ServerConnection:
             del buf[: end + 3]
         else:
             body = region
-            del buf[: last + 2]
+            del buf[:cut]
         if body:
-            self._data_content(body)
+            self._data_content(body, at_crlf)
+            self._after_crlf = body.endswith(b"\r\n")
         if end >= 0:
             self._data_finished()
         return True
 
     def _data_partial(self) -> bool:
-        # No complete line buffered; an over-long one is dropped while we keep reading.
+        # No complete line buffered. Drop what cannot be accepted anyway, so memory stays bounded.
         buf = self._in
-        if len(buf) > self.options.max_text_line:
+        if self._check_bare() and (b"\n" in buf or _BARE_CR.search(buf[:-1])):
+            self._body_fail(codes.BARE_LF_DATA, "bare CR or LF in DATA")
             keep = 1 if buf.endswith(b"\r") else 0
             del buf[: len(buf) - keep]
+            self._after_crlf = False
+        elif len(buf) > self.options.max_text_line:
+            keep = 1 if buf.endswith(b"\r") else 0
+            del buf[: len(buf) - keep]
+            self._after_crlf = False
             self._body_fail(codes.DATA_LINE_TOO_LONG, "line too long in DATA")
         return False
 
-    def _data_content(self, body: bytes) -> None:
+    def _data_content(self, body: bytes, at_line_start: bool) -> None:
         if self._body_error is not None:
             return
         bare = _BARE_LF.search(body) is not None or _BARE_CR.search(body) is not None
@@ -666,7 +686,7 @@ class ServerConnection:
             return
         # Un-stuff on the raw CRLF structure first; normalising bare endings afterwards cannot
         # create an end-of-data marker because the marker was already searched for.
-        if body.startswith(b"."):
+        if at_line_start and body.startswith(b"."):
             body = body[1:]
         if b"\r\n." in body:
             body = body.replace(b"\r\n.", b"\r\n")

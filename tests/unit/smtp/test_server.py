@@ -430,3 +430,47 @@ def test_command_soup_never_raises(parts: list[bytes]) -> None:
     opts = ServerOptions(hostname="mx.test", starttls=True, auth_mechanisms=("PLAIN",))
     session(parts, opts)
     session(parts, opts, tls=True)
+
+
+NORMALIZE = ServerOptions(hostname="mx.test", bare_line_endings="normalize")
+
+
+def test_normalize_accepts_many_short_bare_lf_lines_in_one_read() -> None:
+    events, out = session([EHLO + TXN, b"line\n" * 300, b"\r\n.\r\n"], NORMALIZE)
+    assert codes_of(out)[-1] == "250 2.0.0"
+    assert body_of(events) == b"line\r\n" * 300 + b"\r\n"
+
+
+def test_normalize_bdat_cr_at_chunk_boundary_and_at_the_end() -> None:
+    pre = EHLO + b"MAIL FROM:<a@b.test>\r\nRCPT TO:<b@mx.test>\r\n"
+    events, _ = session(pre + b"BDAT 2\r\na\rBDAT 3 LAST\r\nb\r\n", NORMALIZE)
+    assert body_of(events) == b"a\r\nb\r\n"
+    events, _ = session(pre + b"BDAT 2\r\na\rBDAT 3 LAST\r\n\nb\r", NORMALIZE)
+    assert body_of(events) == b"a\r\nb\r\n"
+    _, out = session(pre + b"BDAT 2 LAST\r\na\r")
+    assert codes_of(out)[-1] == "550 5.5.2"
+
+
+def test_reject_mode_drops_bare_lf_flood_without_buffering_it() -> None:
+    srv = ServerConnection(ServerOptions(hostname="mx.test"))
+    pump(srv, [EHLO + TXN] + [b"x\n" * 2048] * 50)
+    assert len(srv._in) <= 1
+    srv.receive_data(b"\r\n.\r\n")
+    while srv.next_event() is not None:
+        pass
+    assert codes_of(srv.data_to_send())[-1] == "550 5.5.2"
+
+
+def test_serialising_refuses_parameter_smuggling() -> None:
+    from mailward.smtp.address import parse_forward_path
+    from mailward.smtp.commands import InjectionError, Mail, MailParams, Rcpt, RcptParams, parse_command
+
+    rcpt = parse_forward_path("<b@mx.test>", smtputf8=True)
+    with pytest.raises(InjectionError):
+        Mail(None, MailParams(ret="FULL REQUIRETLS")).to_bytes()
+    with pytest.raises(InjectionError):
+        Mail(None, MailParams(body="7BIT X=1")).to_bytes()
+    cmd = Rcpt(rcpt, RcptParams(orcpt="utf-8;x NOTIFY=NEVER"))
+    wire = cmd.to_bytes()
+    assert b" NOTIFY" not in wire
+    assert parse_command(wire[:-2]) == cmd
