@@ -2,7 +2,7 @@
 # Installs the Debian packages the test suite drives as real peers, only those missing.
 # Postfix is preseeded to "No configuration": tests run their own instances with `postfix -c DIR`.
 set -euo pipefail
-packages=(swaks postfix testssl.sh openssl)
+packages=(swaks libnet-ssleay-perl postfix testssl.sh openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,23 +1,134 @@
-"""Command-line entry point: `mailward serve | version`."""
+"""Command-line entry point: mailward serve | reload | config check | user ... | version."""
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import sys
+from pathlib import Path
 
 from mailward import __version__
+from mailward.auth import UserStore, UserStoreError
+from mailward.config import Config, ConfigError, describe, load_config
+
+
+def _config(args: argparse.Namespace) -> Config:
+    path = Path(args.config) if args.config else None
+    return load_config(path)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mailward.service import demo_banner, prepare_demo, run_service
+
+    if args.demo:
+        config, password = prepare_demo(Path(args.state_dir))
+        return run_service(config, demo_banner(config, password))
+    return run_service(_config(args))
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from mailward.service import send_reload
+
+    return send_reload(_config(args))
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from mailward.config import check_files
+
+    config = _config(args)
+    check_files(config)
+    print(describe(config))
+    print("# configuration is valid", file=sys.stderr)
+    return 0
+
+
+def _users(args: argparse.Namespace) -> UserStore:
+    return UserStore(_config(args).auth.users_file)
+
+
+def _password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        pw = sys.stdin.readline().rstrip("\n")
+    else:
+        pw = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != pw:
+            raise UserStoreError("the two passwords differ; run the command again.")
+    if len(pw) < 8:
+        raise UserStoreError("the password is shorter than 8 characters; choose a longer one.")
+    return pw
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    users = _users(args)
+    if args.user_command == "add":
+        users.add(args.name, _password(args), args.address or ())
+        print(f"user {args.name} added")
+    elif args.user_command == "passwd":
+        users.set_password(args.name, _password(args))
+        print(f"password of {args.name} changed")
+    elif args.user_command == "del":
+        users.delete(args.name)
+        print(f"user {args.name} deleted")
+    else:
+        for rec in users.list():
+            print(f"{rec.name}\t{','.join(rec.addresses) or rec.name}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mailward", description="A mail transfer agent that "
+                                     "delivers securely or not at all.")
+    parser.add_argument("--version", action="version", version=f"mailward {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", metavar="FILE",
+                        help="configuration file (default: $MAILWARD_CONFIG, then ./mailward.toml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", parents=[common], help="run the mail server")
+    serve.add_argument("--demo", action="store_true",
+                       help="run the embedded default: loopback listeners, demo certificate and user")
+    serve.add_argument("--state-dir", default="var", help="state directory for --demo (default: var)")
+    serve.set_defaults(func=cmd_serve)
+
+    reload = sub.add_parser("reload", parents=[common], help="reload certificates (SIGHUP)")
+    reload.set_defaults(func=cmd_reload)
+
+    config = sub.add_parser("config", help="configuration tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", parents=[common], help="validate and print effective values")
+    check.set_defaults(func=cmd_config_check)
+
+    user = sub.add_parser("user", help="manage AUTH users")
+    user_sub = user.add_subparsers(dest="user_command", required=True)
+    for name, helptext in (("add", "add a user"), ("passwd", "change a password")):
+        p = user_sub.add_parser(name, parents=[common], help=helptext)
+        p.add_argument("name")
+        p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+        if name == "add":
+            p.add_argument("--address", action="append",
+                           help="an address the user may send as (repeatable; @domain for any)")
+        p.set_defaults(func=cmd_user)
+    p = user_sub.add_parser("del", parents=[common], help="delete a user")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_user)
+    p = user_sub.add_parser("list", parents=[common], help="list users")
+    p.set_defaults(func=cmd_user)
+
+    version = sub.add_parser("version", help="print the version")
+    version.set_defaults(func=lambda args: print(f"mailward {__version__}") or 0)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mailward")
-    parser.add_argument("--version", action="version", version=f"mailward {__version__}")
-    sub = parser.add_subparsers(dest="command")
-    sub.add_parser("version")
-    serve = sub.add_parser("serve")
-    serve.add_argument("--demo", action="store_true")
-    args = parser.parse_args(argv)
-    print(f"mailward {__version__}")
-    return 0
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except (ConfigError, UserStoreError) as exc:
+        print(f"mailward: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return result
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import collections
 import contextlib
 import socket
 import ssl
-from typing import Any
+from typing import Any, cast
 
 READ_CHUNK = 64 * 1024
 HIGH_WATER = 256 * 1024  # stop reading from the socket while this much plaintext waits unread
@@ -50,8 +50,8 @@ class SmtpStream(asyncio.Protocol):
     # --- asyncio.Protocol --------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement the interface without subclassing asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
         if peer:

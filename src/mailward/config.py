@@ -1,0 +1,720 @@
+"""The one configuration object: a TOML file becomes a frozen, validated `Config` at start-up.
+
+Every key is declared once, on the dataclass field that holds it: the annotation gives its type
+(with `Annotated` constraints) and `setting(...)` gives its doc and default. The loader, the error
+messages and `describe()` (what `mailward config check` prints) all walk those declarations, so a
+key cannot be parsed in one place and documented in another.
+
+Defaults are written as TOML values and go through the same validation as the file, so a default
+can never be a value the file could not contain. A default that depends on other keys (the port of
+a listener depends on its kind) is a `Derived`, computed from the keys declared before it.
+
+File checks live in `check_files`, not in the loader: the demo generates its certificate only after
+its configuration exists, and `config check` on another machine should still parse the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import math
+import os
+import re
+import socket
+import stat
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import idna
+
+CONFIG_ENV = "MAILWARD_CONFIG"
+DEFAULT_CONFIG_FILE = Path("mailward.toml")
+
+
+class ConfigError(Exception):
+    """One sentence naming the key (or file) at fault and saying how to fix it."""
+
+
+# --- the declaration vocabulary -------------------------------------------------------------------
+
+_SETTING = "mailward.setting"
+
+
+@dataclass(frozen=True, slots=True)
+class Derived:
+    """A default computed from keys declared earlier; `doc` says how, for `describe()`."""
+
+    doc: str
+    compute: Callable[[Scope], object]
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    doc: str
+    default: object  # a TOML-shaped value, a Derived, or _REQUIRED
+    toml_name: str | None  # when the TOML key differs from the attribute name
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """What a `Derived` may look at: this table's values so far and the top level's values so far."""
+
+    here: Mapping[str, Any]
+    root: Mapping[str, Any]
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+_REQUIRED: Any = _Required()
+
+
+def setting(doc: str, default: object = _REQUIRED, *, toml_name: str | None = None) -> dict[str, Setting]:
+    """Field metadata declaring a configuration key: `field(metadata=setting(...))`."""
+    return {_SETTING: Setting(doc, default, toml_name)}
+
+
+@dataclass(frozen=True, slots=True)
+class Range:
+    """Inclusive bounds for an integer or a number of seconds."""
+
+    low: int
+    high: int | None = None
+
+
+class _Invalid(ValueError):
+    """A complaint that needs its own wording; the loader prefixes the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """Validates and normalises a converted value; a plain ValueError means "must be {expected}"."""
+
+    expected: str
+    apply: Callable[[Any], Any]
+
+
+_LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_LOG_LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _domain_name(value: str) -> str:
+    name = value[:-1] if value.endswith(".") else value  # the rooted spelling names the same domain
+    if not name.isascii():
+        # UTS #46 maps case, width variants and ideographic full stops before the A-label encoding.
+        name = idna.uts46_remap(name, std3_rules=True)
+        name = ".".join(lbl if lbl.isascii() else idna.alabel(lbl).decode("ascii") for lbl in name.split("."))
+    name = name.lower()
+    labels = name.split(".")
+    # A numeric last label would make the name indistinguishable from an IPv4 address.
+    if len(name) > 253 or not all(_LABEL_RE.fullmatch(lbl) for lbl in labels) or labels[-1].isdigit():
+        raise ValueError(value)
+    for lbl in labels:
+        if lbl.startswith("xn--"):
+            idna.ulabel(lbl)
+    return name
+
+
+def _ip_address(value: str) -> str:
+    text = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    return str(ipaddress.ip_address(text))
+
+
+def _log_label(value: str) -> str:
+    # Names go into every log line; a restricted alphabet keeps them from forging log fields.
+    if not _LOG_LABEL_RE.fullmatch(value):
+        raise ValueError(value)
+    return value
+
+
+def _queue_url(value: str) -> str:
+    if value.startswith(("postgresql://", "postgres://")):
+        raise _Invalid("PostgreSQL queues are not available in this version; remove queue.url to use the "
+                       "embedded SQLite queue")
+    if not value.startswith("sqlite:///") or value == "sqlite:///":
+        raise ValueError(value)
+    return value
+
+
+def _non_empty(value: tuple[object, ...]) -> tuple[object, ...]:
+    if not value:
+        raise ValueError(value)
+    return value
+
+
+HOSTNAME = Check("a DNS name such as mail.example.org", _domain_name)
+DOMAIN = Check("a domain name such as example.org", _domain_name)
+IP_ADDRESS = Check("an IPv4 or IPv6 address such as 0.0.0.0 or ::", _ip_address)
+LOG_LABEL = Check("up to 64 letters, digits, '.', '_' or '-'", _log_label)
+QUEUE_URL = Check("sqlite:///PATH", _queue_url)
+NON_EMPTY = Check("a non-empty array", _non_empty)
+
+ListenerKind = Literal["mx", "submission", "submissions"]
+Mechanism = Literal["PLAIN", "LOGIN"]
+
+_KIND_PORTS: dict[str, int] = {"mx": 25, "submission": 587, "submissions": 465}
+_SUBMISSION_KINDS = ("submission", "submissions")
+_DEFAULT_LISTENERS = [
+    {"kind": kind, "address": address}
+    for kind in ("mx", "submissions", "submission")
+    for address in ("0.0.0.0", "::")
+]
+
+
+# --- the schema -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListenerConfig:
+    kind: ListenerKind = field(metadata=setting(
+        "mx: mail from the internet, STARTTLS when certificates exist, no AUTH; submission: users, "
+        "STARTTLS then AUTH (RFC 6409); submissions: users over implicit TLS (RFC 8314)"))
+    address: Annotated[str, IP_ADDRESS] = field(metadata=setting(
+        "IP address to listen on; 0.0.0.0 is every IPv4 address, :: every IPv6 address", "0.0.0.0"))
+    port: Annotated[int, Range(1, 65535)] = field(metadata=setting(
+        "TCP port", Derived("25 for mx, 587 for submission, 465 for submissions",
+                            lambda s: _KIND_PORTS[s.here["kind"]])))
+    max_connections: Annotated[int, Range(1)] = field(metadata=setting(
+        "simultaneous connections on this listener; more are refused with 421", 1000))
+    max_connections_per_ip: Annotated[int, Range(1)] = field(metadata=setting(
+        "simultaneous connections from one client address",
+        Derived("20 for mx, 10 for submission kinds", lambda s: 20 if s.here["kind"] == "mx" else 10)))
+    command_timeout: Annotated[float, Range(1, 3600)] = field(metadata=setting(
+        "seconds to wait for the next command (RFC 5321 §4.5.3.2 asks for 5 minutes)", 300))
+    data_timeout: Annotated[float, Range(1, 3600)] = field(metadata=setting(
+        "seconds to wait for the next piece of message data", 600))
+    handshake_timeout: Annotated[float, Range(1, 600)] = field(metadata=setting(
+        "seconds a client has to complete the TLS handshake", 30))
+    max_message_size: Annotated[int, Range(1024)] = field(metadata=setting(
+        "largest message accepted, in bytes, announced with SIZE (RFC 1870)", 52428800))
+    max_recipients: Annotated[int, Range(1)] = field(metadata=setting(
+        "recipients per message; RFC 5321 §4.5.3.1.8 expects at least 100 to be accepted", 1000))
+    bare_line_endings: Literal["reject", "normalize"] = field(metadata=setting(
+        "message data with a bare CR or LF: reject it (closes SMTP smuggling) or normalize to CRLF",
+        "reject"))
+    name: Annotated[str, LOG_LABEL] = field(metadata=setting(
+        "label for this listener in logs and metrics",
+        Derived("kind-port, e.g. mx-25", lambda s: f"{s.here['kind']}-{s.here['port']}")))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CertificateConfig:
+    cert: Path = field(metadata=setting(
+        "PEM certificate chain, leaf first (certbot's fullchain.pem works)"))
+    key: Path = field(metadata=setting(
+        "PEM private key of that certificate (certbot's privkey.pem works)"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TlsConfig:
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = field(metadata=setting(
+        "oldest TLS version accepted by the listeners", "TLSv1.2"))
+    certificates: tuple[CertificateConfig, ...] = field(metadata=setting(
+        "certificate/key pairs, chosen by SNI; reloaded on SIGHUP; submission listeners need one",
+        []))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthConfig:
+    users_file: Path = field(metadata=setting(
+        "user database (managed with mailward user ...)",
+        Derived("state_dir/users", lambda s: s.root["state_dir"] / "users")))
+    mechanisms: Annotated[tuple[Mechanism, ...], NON_EMPTY] = field(metadata=setting(
+        "SASL mechanisms offered on submission listeners, only once TLS is up", ["PLAIN", "LOGIN"]))
+    max_failures_per_ip: Annotated[int, Range(1)] = field(metadata=setting(
+        "failed logins from one client address before it is locked out", 10))
+    max_failures_per_user: Annotated[int, Range(1)] = field(metadata=setting(
+        "failed logins for one user before that user is locked out", 5))
+    lockout_seconds: Annotated[float, Range(1, 86400)] = field(metadata=setting(
+        "how long a lockout lasts, in seconds", 900))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueueConfig:
+    url: Annotated[str, QUEUE_URL] | None = field(metadata=setting(
+        "queue location as a URL instead of path: sqlite:///PATH, relative to this file's directory", None))
+    path: Path = field(metadata=setting(
+        "SQLite queue database",
+        Derived("state_dir/queue/queue.db, or the PATH of url",
+                lambda s: s.here["url"].removeprefix("sqlite:///") if s.here["url"]
+                else s.root["state_dir"] / "queue" / "queue.db")))
+    group_commit_ms: Annotated[int, Range(0, 50)] = field(metadata=setting(
+        "milliseconds a commit waits so concurrent messages share one fsync", 2))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogConfig:
+    level: Literal["debug", "info", "warning", "error"] = field(metadata=setting(
+        "least severe log level written", "info"))
+    format: Literal["human", "json"] = field(metadata=setting(
+        "log line format: human text or one JSON object per line", "human"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    hostname: Annotated[str, HOSTNAME] = field(metadata=setting(
+        "this server's DNS name, used in the greeting, EHLO and Received headers",
+        Derived("this system's name from socket.getfqdn()", lambda s: socket.getfqdn())))
+    state_dir: Path = field(metadata=setting(
+        "directory for the queue, users and pid file; relative to this file's directory",
+        "/var/lib/mailward"))
+    local_domains: tuple[Annotated[str, DOMAIN], ...] = field(metadata=setting(
+        "domains whose mail is delivered here", []))
+    relay_domains: tuple[Annotated[str, DOMAIN], ...] = field(metadata=setting(
+        "domains the mx listener accepts mail for and relays onward", []))
+    listeners: tuple[ListenerConfig, ...] = field(metadata=setting(
+        "where SMTP is accepted",
+        Derived("mx on port 25, submissions on 465 and submission on 587, each on 0.0.0.0 and ::",
+                lambda s: _DEFAULT_LISTENERS),
+        toml_name="listener"))
+    tls: TlsConfig = field(metadata=setting("certificates and versions for every listener", {}))
+    auth: AuthConfig = field(metadata=setting("SMTP AUTH on submission listeners", {}))
+    queue: QueueConfig = field(metadata=setting("where accepted messages are kept until delivered", {}))
+    log: LogConfig = field(metadata=setting("log output on stderr", {}))
+
+
+# --- reading the schema ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    attr: str
+    name: str  # as written in TOML
+    setting: Setting
+    hint: Any  # the resolved annotation, constraints included
+
+
+def _keys(cls: type) -> list[_Key]:
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out = []
+    for f in dataclasses.fields(cls):
+        s: Setting = f.metadata[_SETTING]
+        out.append(_Key(f.name, s.toml_name or f.name, s, hints[f.name]))
+    return out
+
+
+def _strip_annotated(hint: Any) -> tuple[Any, tuple[Any, ...]]:
+    if typing.get_origin(hint) is Annotated:
+        base, *extras = typing.get_args(hint)
+        return base, tuple(extras)
+    return hint, ()
+
+
+def _is_table(hint: Any) -> bool:
+    base, _ = _strip_annotated(hint)
+    return isinstance(base, type) and dataclasses.is_dataclass(base)
+
+
+def _table_array_item(hint: Any) -> type | None:
+    base, _ = _strip_annotated(hint)
+    if typing.get_origin(base) is tuple:
+        item = typing.get_args(base)[0]
+        if isinstance(item, type) and dataclasses.is_dataclass(item):
+            return item
+    return None
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _show(value: object) -> str:
+    """A value as the message quotes it: strings quoted, TOML spelling for the rest."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value if len(value) <= 60 else value[:57] + "...")
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        text = "[" + ", ".join(_show(v) for v in value) + "]"
+        return text if len(text) <= 60 else "an array"
+    return str(value)
+
+
+def _choices(options: tuple[Any, ...]) -> str:
+    return ", ".join(repr(o) for o in options)
+
+
+def _suggest(word: str, options: list[str]) -> str | None:
+    """The one option closest to `word`; none when two tie, as a coin-flip guess would mislead."""
+    folded = {o.lower(): o for o in options}
+    scores = sorted(((difflib.SequenceMatcher(None, word.lower(), o).ratio(), o) for o in folded),
+                    reverse=True)
+    if not scores or scores[0][0] < 0.6 or (len(scores) > 1 and scores[1][0] == scores[0][0]):
+        return None
+    return folded[scores[0][1]]
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+class _Loader:
+    def __init__(self, source: str, base_dir: Path) -> None:
+        self.source = source
+        self.base_dir = base_dir
+        self.root: dict[str, Any] = {}
+
+    def table(self, cls: type, raw: object, path: str) -> Any:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must be a table, got {_show(raw)}.")
+        keys = _keys(cls)
+        names = [k.name for k in keys]
+        for name in raw:
+            if name not in names:
+                self.unknown(_join(path, name), name, names)
+        values: dict[str, Any] = {}
+        if not path:
+            self.root = values
+        scope = Scope(values, self.root)
+        for k in keys:
+            key = _join(path, k.name)
+            default = k.setting.default
+            if k.name in raw:
+                values[k.attr] = self.value(k.hint, raw[k.name], key)
+            elif default is _REQUIRED:
+                base, _ = _strip_annotated(k.hint)
+                if typing.get_origin(base) is Literal:
+                    options = _choices(typing.get_args(base))
+                    raise ConfigError(f"{key} is missing; set it to one of {options}.")
+                raise ConfigError(f"{key} is missing; add it: {k.setting.doc}.")
+            elif isinstance(default, Derived):
+                computed = default.compute(scope)
+                try:
+                    values[k.attr] = self.value(k.hint, computed, key)
+                except ConfigError:
+                    raise ConfigError(
+                        f"{key} is not set and its default {_show(str(computed))} ({default.doc}) is "
+                        f"not valid; set {key} in {self.source}.") from None
+            else:
+                values[k.attr] = self.value(k.hint, default, key)
+        return cls(**values)
+
+    def unknown(self, key: str, name: str, names: list[str]) -> typing.NoReturn:
+        close = _suggest(name, names)
+        if close is not None:
+            hint = f"did you mean '{close}'?"
+        else:
+            hint = f"remove it (keys allowed here: {', '.join(names)})."
+        raise ConfigError(f"unknown key '{key}' in {self.source}; {hint}")
+
+    def value(self, hint: Any, raw: object, key: str) -> Any:
+        base, extras = _strip_annotated(hint)
+        checks = [e for e in extras if isinstance(e, Check)]
+        bounds = next((e for e in extras if isinstance(e, Range)), None)
+        origin = typing.get_origin(base)
+        if origin in (typing.Union, types.UnionType):
+            if raw is None:
+                return None
+            (base,) = [a for a in typing.get_args(base) if a is not type(None)]
+            return self.value(base, raw, key)
+        value = self.typed(base, raw, key, bounds, checks[0].expected if checks else None)
+        for check in checks:
+            try:
+                value = check.apply(value)
+            except _Invalid as exc:
+                raise ConfigError(f"{key}: {exc}.") from None
+            except ValueError:
+                raise ConfigError(f"{key} must be {check.expected}, got {_show(raw)}.") from None
+        return value
+
+    def typed(self, base: Any, raw: object, key: str, bounds: Range | None, expected: str | None) -> Any:
+        origin = typing.get_origin(base)
+        if origin is Literal:
+            options = typing.get_args(base)
+            if isinstance(raw, str) and raw in options:
+                return raw
+            close = _suggest(raw, [str(o) for o in options]) if isinstance(raw, str) else None
+            suffix = f"; did you mean '{close}'?" if close else "."
+            raise ConfigError(f"{key} must be one of {_choices(options)}, got {_show(raw)}{suffix}")
+        if origin is tuple:
+            return self.array(typing.get_args(base)[0], raw, key)
+        if isinstance(base, type) and dataclasses.is_dataclass(base):
+            return self.table(base, raw, key)
+        if base is int:
+            if isinstance(raw, int) and not isinstance(raw, bool) and _within(raw, bounds):
+                return raw
+            raise ConfigError(f"{key} must be {_numbers('an integer', bounds)}, got {_show(raw)}.")
+        if base is float:
+            if (isinstance(raw, int | float) and not isinstance(raw, bool) and math.isfinite(raw)
+                    and _within(raw, bounds)):
+                return float(raw)
+            raise ConfigError(f"{key} must be {_numbers('a number of seconds', bounds)}, got {_show(raw)}.")
+        if base is Path:
+            if isinstance(raw, Path):
+                return raw if raw.is_absolute() else self.base_dir / raw
+            if isinstance(raw, str) and raw and "\0" not in raw:
+                path = Path(raw)
+                # Not resolved: certbot's live/ links must keep pointing at the renewed files.
+                return path if path.is_absolute() else self.base_dir / path
+            raise ConfigError(f"{key} must be a file path string, got {_show(raw)}.")
+        if base is str:
+            if isinstance(raw, str):
+                return raw
+            raise ConfigError(f"{key} must be {expected or 'a string'}, got {_show(raw)}.")
+        raise TypeError(f"unsupported configuration type {base!r} for {key}")  # a schema bug
+
+    def array(self, item: Any, raw: object, key: str) -> tuple[Any, ...]:
+        is_tables = isinstance(item, type) and dataclasses.is_dataclass(item)
+        if not isinstance(raw, list | tuple):
+            if is_tables and isinstance(raw, dict):
+                raise ConfigError(f"{key} must be an array of tables; write [[{key}]] instead of [{key}].")
+            if isinstance(raw, str):
+                name = key.rpartition(".")[2]
+                raise ConfigError(f"{key} must be an array, got {_show(raw)}; write {name} = "
+                                  f"[{_toml_string(raw)}].")
+            raise ConfigError(f"{key} must be an array, got {_show(raw)}.")
+        return tuple(self.value(item, v, f"{key}[{i}]") for i, v in enumerate(raw))
+
+
+def _within(value: float, bounds: Range | None) -> bool:
+    if bounds is None:
+        return True
+    return value >= bounds.low and (bounds.high is None or value <= bounds.high)
+
+
+def _numbers(what: str, bounds: Range | None) -> str:
+    if bounds is None:
+        return what
+    if bounds.high is None:
+        return f"{what} of at least {bounds.low}"
+    return f"{what} between {bounds.low} and {bounds.high}"
+
+
+def config_from_dict(data: Mapping[str, Any], source: str, *, base_dir: Path | None = None) -> Config:
+    """Validate parsed TOML; relative paths are taken relative to `base_dir` (default: the cwd)."""
+    loader = _Loader(source, (base_dir or Path.cwd()).absolute())
+    raw = dict(data)
+    config: Config = loader.table(Config, raw, "")
+    _check_whole(config, raw, loader)
+    return config
+
+
+def _check_whole(config: Config, raw: Mapping[str, Any], loader: _Loader) -> None:
+    """Rules that span several keys."""
+    listeners = config.listeners
+    for i, lc in enumerate(listeners):
+        for j, other in enumerate(listeners[:i]):
+            if lc.port == other.port and _addresses_overlap(lc.address, other.address):
+                raise ConfigError(
+                    f"listener[{i}] ({_endpoint(lc)}) clashes with listener[{j}] ({_endpoint(other)}); "
+                    "give one of them another address or port.")
+    if not config.tls.certificates:
+        needy = [(i, lc) for i, lc in enumerate(listeners) if lc.kind in _SUBMISSION_KINDS]
+        if needy and "listener" not in raw:
+            raise ConfigError(
+                "the default listeners include submission (587) and submissions (465), which need "
+                "tls.certificates; add [[tls.certificates]] cert=... key=..., declare [[listener]] "
+                "tables, or run mailward serve --demo.")
+        if needy:
+            i, lc = needy[0]
+            raise ConfigError(
+                f"listener[{i}] ({lc.kind}) needs tls.certificates; add [[tls.certificates]] cert=... "
+                "key=... or run mailward serve --demo.")
+    queue = config.queue
+    # Both may be given when they agree, so describe()'s output loads back as it is.
+    if queue.url is not None and "path" in raw.get("queue", {}):
+        from_url = loader.value(Path, queue.url.removeprefix("sqlite:///"), "queue.url")
+        if from_url != queue.path:
+            raise ConfigError("queue.url and queue.path name different queue files; keep only one of them.")
+    for i, domain in enumerate(config.relay_domains):
+        if domain in config.local_domains:
+            raise ConfigError(f"relay_domains[{i}] '{domain}' is also in local_domains; list each domain "
+                              "in only one of them.")
+
+
+def _addresses_overlap(a: str, b: str) -> bool:
+    # A wildcard bind takes the port on every address of its family, so a second bind would fail.
+    x, y = ipaddress.ip_address(a), ipaddress.ip_address(b)
+    return x.version == y.version and (x == y or x.is_unspecified or y.is_unspecified)
+
+
+def _endpoint(lc: ListenerConfig) -> str:
+    return f"[{lc.address}]:{lc.port}" if ":" in lc.address else f"{lc.address}:{lc.port}"
+
+
+_TOML_POSITION_RE = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)$")
+
+
+def load_config(path: Path | None = None) -> Config:
+    """Read the file given, else $MAILWARD_CONFIG, else ./mailward.toml."""
+    if path is None:
+        env = os.environ.get(CONFIG_ENV)
+        if env:
+            path = Path(env)
+            if not path.exists():
+                raise ConfigError(
+                    f"${CONFIG_ENV} names {path}, which does not exist; fix {CONFIG_ENV}, pass "
+                    "--config FILE, or run mailward serve --demo for the embedded default.")
+        else:
+            path = DEFAULT_CONFIG_FILE
+            if not path.exists():
+                raise ConfigError(
+                    f"no configuration file found: ${CONFIG_ENV} is not set and ./{DEFAULT_CONFIG_FILE} "
+                    "does not exist; pass --config FILE or run mailward serve --demo for the embedded "
+                    "default.")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist; check the --config path.") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a directory; pass the TOML file inside it.") from None
+    except OSError as exc:
+        raise ConfigError(f"configuration file {path} cannot be read ({exc.strerror}); let the mailward "
+                          "user read it.") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (bad byte at offset {exc.start}); save it as "
+                          "UTF-8.") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        message = " ".join(str(exc).split())
+        match = _TOML_POSITION_RE.search(message)
+        where = "at the end of the file"
+        if match:
+            message = message[: match.start()]
+            if match[1]:
+                where = f"line {match[1]}, column {match[2]}"
+        raise ConfigError(f"{path} {where}: {message}; fix the TOML syntax.") from None
+    return config_from_dict(raw, str(path), base_dir=path.parent)
+
+
+def demo_config(var_dir: Path) -> Config:
+    """The embedded configuration of `mailward serve --demo`: loopback only, unprivileged ports."""
+    return config_from_dict({
+        "hostname": "localhost",
+        "state_dir": str(var_dir),
+        "local_domains": ["localhost", "mailward.test"],
+        "listener": [
+            {"kind": "mx", "address": "127.0.0.1", "port": 2525},
+            {"kind": "submissions", "address": "127.0.0.1", "port": 2465},
+            {"kind": "submission", "address": "127.0.0.1", "port": 2587},
+        ],
+        "tls": {"certificates": [{"cert": str(var_dir / "tls" / "cert.pem"),
+                                  "key": str(var_dir / "tls" / "key.pem")}]},
+    }, "the demo configuration")
+
+
+# --- start-up file checks -------------------------------------------------------------------------
+
+def check_files(config: Config) -> None:
+    """Check the files the configuration names and create state_dir; tls.py parses the PEM itself."""
+    for i, pair in enumerate(config.tls.certificates):
+        _check_readable(pair.cert, f"tls.certificates[{i}].cert",
+                        "a PEM certificate chain (certbot's fullchain.pem works)")
+        _check_readable(pair.key, f"tls.certificates[{i}].key",
+                        "the PEM private key (certbot's privkey.pem works)")
+    state = config.state_dir
+    try:
+        state.mkdir(mode=0o750, parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"state_dir: {state} exists but is not a directory; point state_dir at a "
+                          "directory.") from None
+    except OSError as exc:
+        raise ConfigError(f"state_dir: directory {state} cannot be created ({exc.strerror}); create it for "
+                          "the mailward user or point state_dir elsewhere.") from None
+    if not os.access(state, os.W_OK | os.X_OK):
+        raise ConfigError(f"state_dir: directory {state} is not writable by this user; give the mailward "
+                          "user write access or point state_dir elsewhere.")
+    users_dir = config.auth.users_file.parent
+    if not users_dir.is_dir():
+        raise ConfigError(f"auth.users_file: directory {users_dir} does not exist; create it or point "
+                          "users_file into an existing directory.")
+
+
+def _check_readable(path: Path, key: str, what: str) -> None:
+    try:
+        mode = path.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError(f"{key}: {path} is a directory; point it at {what}.")
+        # Opening a FIFO or device could block start-up, so only regular files are tried.
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"{key}: {path} is not a regular file; point it at {what}.")
+        os.close(os.open(path, os.O_RDONLY))
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: file {path} does not exist; point it at {what}.") from None
+    except PermissionError:
+        raise ConfigError(f"{key}: file {path} is not readable by this user; grant the mailward user "
+                          "read access, e.g. through a group.") from None
+    except OSError as exc:
+        raise ConfigError(f"{key}: file {path} cannot be opened ({exc.strerror}); point it at "
+                          f"{what}.") from None
+
+
+# --- describing -----------------------------------------------------------------------------------
+
+def describe(config: Config) -> str:
+    """The effective configuration as TOML, one `key = value  # doc` line per key."""
+    lines = ["# mailward effective configuration; each comment gives the meaning and the default."]
+    _describe_table(config, "", lines)
+    return "\n".join(lines) + "\n"
+
+
+def _describe_table(obj: object, path: str, lines: list[str]) -> None:
+    later: list[tuple[_Key, Any]] = []
+    for k in _keys(type(obj)):
+        value = getattr(obj, k.attr)
+        # TOML puts a table's own keys before its sub-tables, and an empty array of tables has no
+        # [[header]] to carry it, so it is written inline.
+        if _is_table(k.hint) or (_table_array_item(k.hint) is not None and value):
+            later.append((k, value))
+            continue
+        comment = f"  # {k.setting.doc}{_default_note(k.setting.default)}"
+        if value is None:
+            lines.append(f"# {k.name} = (not set){comment}")
+        else:
+            lines.append(f"{k.name} = {_toml(value)}{comment}")
+    for k, value in later:
+        full = _join(path, k.name)
+        note = f"  # {k.setting.doc}{_default_note(k.setting.default)}"
+        items = (value,) if _is_table(k.hint) else value
+        header = f"[{full}]" if _is_table(k.hint) else f"[[{full}]]"
+        for item in items:
+            lines += ["", header + note]
+            _describe_table(item, full, lines)
+
+
+def _default_note(default: object) -> str:
+    if isinstance(default, Derived):
+        return f" (default: {default.doc})"
+    if default is _REQUIRED:
+        return " (required)"
+    if default is None or isinstance(default, dict):
+        return ""
+    return f" (default: {_toml(default)})"
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str | Path):
+        return _toml_string(str(value))
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_string(text: str) -> str:
+    out = []
+    for ch in text:
+        if ch in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'

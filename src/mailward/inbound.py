@@ -1,0 +1,511 @@
+"""Inbound SMTP: the listeners (mx on 25, submission on 587, submissions on 465) and their sessions.
+
+A session is a short asyncio loop around the sans-IO server engine: it reads bytes from an
+`SmtpStream`, feeds the engine, answers its decision events from listener rules, AUTH and the queue,
+and writes the engine's replies. `250 queued as` is sent only after `commit()` returned, which means
+the message is fsync'd (RFC 5321 §6.1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mailward import __version__
+from mailward.auth import (
+    AuthThrottle,
+    Challenge,
+    Credentials,
+    SaslExchange,
+    SaslFailure,
+    UnsupportedMechanism,
+    UserStore,
+    UserStoreError,
+    start_exchange,
+)
+from mailward.config import Config, ListenerConfig
+from mailward.queue import Envelope, Queue, QueueError, Recipient, TlsFacts, Transaction
+from mailward.smtp import codes
+from mailward.smtp.codes import Reply
+from mailward.smtp.events import (
+    AuthCancelled,
+    AuthRequested,
+    AuthResponse,
+    BodyChunk,
+    BodyEnded,
+    BodyRejected,
+    ConnectionClosing,
+    DataStarted,
+    EhloReceived,
+    MailReceived,
+    ProtocolError,
+    QuitRequested,
+    RcptReceived,
+    ServerEvent,
+    StartTlsRequested,
+    TransactionReset,
+)
+from mailward.smtp.server import ServerConnection, ServerOptions
+from mailward.stream import SmtpStream, StreamClosed
+from mailward.tls import ServerTls, tls_facts
+
+log = logging.getLogger("mailward.inbound")
+
+AUTH_KINDS = ("submission", "submissions")
+
+
+@dataclass(slots=True)
+class InboundServices:
+    """What every session shares: the one config, the queue, TLS contexts, users and throttling."""
+
+    config: Config
+    queue: Queue
+    tls: ServerTls | None
+    users: UserStore | None
+    throttle: AuthThrottle
+    clock: Callable[[], float] = time.time
+
+
+def server_options(config: Config, lc: ListenerConfig, has_tls: bool) -> ServerOptions:
+    submission = lc.kind in AUTH_KINDS
+    return ServerOptions(
+        hostname=config.hostname,
+        max_message_size=lc.max_message_size,
+        max_recipients=lc.max_recipients,
+        bare_line_endings=lc.bare_line_endings,
+        starttls=has_tls and lc.kind != "submissions",
+        require_tls=lc.kind == "submission",
+        auth_mechanisms=tuple(config.auth.mechanisms) if submission else (),
+        require_auth=submission,
+    )
+
+
+class Listener:
+    """One bound address:port of one kind, with its connection limits and live sessions."""
+
+    def __init__(self, lc: ListenerConfig, services: InboundServices) -> None:
+        self.config = lc
+        self.services = services
+        self.options = server_options(services.config, lc, services.tls is not None)
+        self.sessions: set[Session] = set()
+        self.per_ip: Counter[str] = Counter()
+        self.server: asyncio.Server | None = None
+        self.draining = False
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: _InboundStream(self), self.config.address, self.config.port,
+            reuse_address=True, backlog=1024,
+        )
+
+    def stop_accepting(self) -> None:
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+
+    async def drain(self, timeout: float) -> None:
+        """Close idle sessions now; give those inside a transaction `timeout` seconds to finish."""
+        for s in list(self.sessions):
+            s.shutdown()
+        tasks = [s.task for s in self.sessions if s.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        if self.server is not None:
+            await self.server.wait_closed()
+
+    def admit(self, stream: SmtpStream) -> bool:
+        ip = stream.peer[0]
+        lc = self.config
+        if self.draining:
+            return self._refuse(stream, codes.SHUTTING_DOWN, "shutting down")
+        if len(self.sessions) >= lc.max_connections:
+            return self._refuse(stream, codes.TOO_MANY_CONNECTIONS, "listener connection limit")
+        if self.per_ip[ip] >= lc.max_connections_per_ip:
+            return self._refuse(stream, codes.TOO_MANY_CONNECTIONS, "per-client connection limit")
+        session = Session(self, stream)
+        self.sessions.add(session)
+        self.per_ip[ip] += 1
+        session.task = asyncio.get_running_loop().create_task(self._run(session))
+        return True
+
+    def _refuse(self, stream: SmtpStream, reply: Reply, why: str) -> bool:
+        log.warning("%s: refused connection from %s: %s", self.name, stream.peer[0], why)
+        if self.config.kind != "submissions":  # no TLS yet on 465: just close
+            stream.write(reply.to_bytes())
+        stream.close()
+        return False
+
+    async def _run(self, session: Session) -> None:
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+            ip = session.stream.peer[0]
+            self.per_ip[ip] -= 1
+            if self.per_ip[ip] <= 0:
+                del self.per_ip[ip]
+
+
+class _InboundStream(SmtpStream):
+    def __init__(self, listener: Listener) -> None:
+        super().__init__()
+        self._listener = listener
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._listener.admit(self)
+
+
+@dataclass(slots=True)
+class _MessageState:
+    txn: Transaction
+    recipients: list[str] = field(default_factory=list)
+
+
+class Session:
+    """One client connection on one listener."""
+
+    def __init__(self, listener: Listener, stream: SmtpStream) -> None:
+        self.listener = listener
+        self.services = listener.services
+        self.stream = stream
+        self.task: asyncio.Task[None] | None = None
+        self.engine = ServerConnection(listener.options)
+        self.tls: TlsFacts | None = None
+        self.message: _MessageState | None = None
+        self.sasl: SaslExchange | None = None
+        self.closing = False
+        self.in_data = False
+        self.client_ip = stream.peer[0]
+        self.log_prefix = f"{listener.name}[{self.client_ip}]:"
+
+    def shutdown(self) -> None:
+        """Service shutdown: an idle session ends now with 421; a busy one after its transaction."""
+        self.closing = True
+        if self.message is None and not self.in_data:
+            self.engine.close(codes.SHUTTING_DOWN)
+            self._flush()
+            self.stream.close()
+
+    async def run(self) -> None:
+        lc = self.listener.config
+        started = time.monotonic()
+        try:
+            if lc.kind == "submissions":
+                if not await self._handshake():
+                    return
+                self.engine.tls_active = True
+            self.engine.greet()
+            log.info("%s connect", self.log_prefix)
+            await self._loop()
+        except (StreamClosed, ConnectionError) as exc:
+            log.info("%s connection lost: %s", self.log_prefix, exc)
+        except Exception:
+            # An unexpected bug must cost one session, never the listener; the client retries.
+            log.exception("%s session failed", self.log_prefix)
+            self.engine.close(codes.LOCAL_ERROR)
+            self._flush()
+        finally:
+            await self._abort_message()
+            self.stream.close()
+            log.info("%s disconnect after %.1fs", self.log_prefix, time.monotonic() - started)
+
+    async def _handshake(self) -> bool:
+        tls = self.services.tls
+        assert tls is not None
+        try:
+            sslobj = await asyncio.wait_for(
+                self.stream.start_tls(tls.context, server_side=True),
+                self.listener.config.handshake_timeout,
+            )
+        except (TimeoutError, OSError, StreamClosed) as exc:
+            log.info("%s TLS handshake failed: %s", self.log_prefix, exc or "timeout")
+            return False
+        self.tls = tls_facts(sslobj)
+        log.info("%s TLS %s %s", self.log_prefix, self.tls.version, self.tls.cipher)
+        return True
+
+    def _flush(self) -> None:
+        out = self.engine.data_to_send()
+        if out:
+            self.stream.write(out)
+
+    async def _loop(self) -> None:
+        engine, lc = self.engine, self.listener.config
+        while True:
+            event = engine.next_event()
+            if event is None:
+                if engine.closed:
+                    self._flush()
+                    return
+                if engine.awaiting_tls:
+                    self._flush()
+                    if not await self._handshake():
+                        return
+                    engine.tls_established()
+                    continue
+                self._flush()
+                await self.stream.drain()
+                if self.closing and self.message is None:
+                    engine.close(codes.SHUTTING_DOWN)
+                    self._flush()
+                    return
+                timeout = lc.data_timeout if self.in_data else lc.command_timeout
+                try:
+                    data = await asyncio.wait_for(self.stream.read(), timeout)
+                except TimeoutError:
+                    log.info("%s timeout", self.log_prefix)
+                    engine.close(codes.TIMEOUT)
+                    self._flush()
+                    return
+                if not data:
+                    return
+                engine.receive_data(data)
+                continue
+            await self._handle(event)
+
+    async def _handle(self, ev: ServerEvent) -> None:
+        engine = self.engine
+        if isinstance(ev, BodyChunk):
+            assert self.message is not None
+            await self.message.txn.write_body(ev.data)
+        elif isinstance(ev, EhloReceived):
+            engine.accept()
+        elif isinstance(ev, MailReceived):
+            await self._mail(ev)
+        elif isinstance(ev, RcptReceived):
+            await self._rcpt(ev)
+        elif isinstance(ev, DataStarted):
+            await self._data_started()
+        elif isinstance(ev, BodyEnded):
+            await self._body_ended(ev)
+        elif isinstance(ev, BodyRejected):
+            self.in_data = False
+            log.warning("%s message refused: %s", self.log_prefix, ev.reason)
+            await self._abort_message()
+        elif isinstance(ev, TransactionReset):
+            await self._abort_message()
+        elif isinstance(ev, StartTlsRequested):
+            if self.services.tls is None:
+                engine.respond(codes.TLS_UNAVAILABLE)
+            else:
+                engine.accept()
+        elif isinstance(ev, AuthRequested):
+            await self._auth_start(ev)
+        elif isinstance(ev, AuthResponse):
+            await self._auth_step(ev.data)
+        elif isinstance(ev, AuthCancelled):
+            self.sasl = None
+            log.info("%s AUTH cancelled", self.log_prefix)
+        elif isinstance(ev, ProtocolError):
+            log.info("%s %s: %s", self.log_prefix, ev.reply, ev.detail)
+        elif isinstance(ev, ConnectionClosing):
+            log.warning("%s closing: %s", self.log_prefix, ev.reason)
+        elif isinstance(ev, QuitRequested):
+            pass
+
+    # --- transaction -----------------------------------------------------------------------------
+
+    async def _mail(self, ev: MailReceived) -> None:
+        engine = self.engine
+        user = engine.authenticated_as
+        sender = "" if ev.sender is None else str(ev.sender)
+        users = self.services.users
+        if user is not None and users is not None and not users.may_send_as(user, sender):
+            log.warning("%s sender <%s> not owned by %s", self.log_prefix, sender, user)
+            engine.respond(codes.NOT_SENDER_OWNER)
+            return
+        p = ev.params
+        envelope = Envelope(
+            sender=sender,
+            client_ip=self.client_ip,
+            client_helo=engine.helo or "",
+            listener=self.listener.config.kind,
+            received_at=self.services.clock(),
+            smtputf8=p.smtputf8,
+            body_type=p.body or "7BIT",  # type: ignore[arg-type]
+            size_hint=p.size,
+            dsn_ret=p.ret,  # type: ignore[arg-type]
+            dsn_envid=p.envid,
+            requiretls=p.requiretls,
+            auth_user=user,
+            tls=self.tls,
+        )
+        try:
+            txn = await self.services.queue.begin(envelope)
+        except QueueError as exc:
+            log.error("%s queue unavailable: %s", self.log_prefix, exc)
+            engine.respond(codes.LOCAL_ERROR)
+            return
+        self.message = _MessageState(txn)
+        engine.accept()
+
+    async def _rcpt(self, ev: RcptReceived) -> None:
+        engine, msg = self.engine, self.message
+        assert msg is not None
+        rcpt = ev.recipient
+        if self.listener.config.kind == "mx" and not self._is_ours(rcpt.ascii_domain):
+            log.warning("%s relay denied to <%s>", self.log_prefix, rcpt)
+            engine.respond(codes.RELAY_DENIED)
+            return
+        address = str(rcpt) if rcpt.domain else "postmaster"
+        notify = ev.params.notify if ev.params.notify is not None else frozenset()
+        try:
+            await msg.txn.add_rcpt(Recipient(address=address, dsn_notify=notify,
+                                             dsn_orcpt=ev.params.orcpt))
+        except QueueError as exc:
+            log.error("%s queue error: %s", self.log_prefix, exc)
+            engine.respond(codes.LOCAL_ERROR)
+            return
+        msg.recipients.append(address)
+        engine.accept()
+
+    def _is_ours(self, domain: str) -> bool:
+        cfg = self.services.config
+        if domain == "":  # <Postmaster> without a domain is always ours (RFC 5321 §4.5.1)
+            return True
+        return domain in cfg.local_domains or domain in cfg.relay_domains
+
+    async def _data_started(self) -> None:
+        msg = self.message
+        assert msg is not None
+        self.in_data = True
+        try:
+            await msg.txn.write_body(self._received_header(msg))
+        except QueueError as exc:
+            log.error("%s queue error: %s", self.log_prefix, exc)
+            self.engine.respond(codes.LOCAL_ERROR)
+            await self._abort_message()
+            self.in_data = False
+            return
+        self.engine.accept()
+
+    async def _body_ended(self, ev: BodyEnded) -> None:
+        msg = self.message
+        assert msg is not None
+        self.in_data = False
+        try:
+            queue_id = await msg.txn.commit()
+        except QueueError as exc:
+            log.error("%s commit failed: %s", self.log_prefix, exc)
+            self.engine.respond(codes.LOCAL_ERROR)
+            await self._abort_message()
+            return
+        self.message = None
+        log.info("%s %s: from=<%s> nrcpt=%d size=%d%s", self.log_prefix, queue_id,
+                 msg.txn.envelope.sender, len(msg.recipients), msg.txn.size,
+                 f" tls={self.tls.version}" if self.tls else "")
+        self.engine.accept(codes.r(250, "2.0.0", f"Ok: queued as {queue_id}"))
+
+    async def _abort_message(self) -> None:
+        msg, self.message = self.message, None
+        if msg is not None:
+            try:
+                await msg.txn.abort()
+            except QueueError as exc:
+                log.error("%s abort failed: %s", self.log_prefix, exc)
+
+    def _received_header(self, msg: _MessageState) -> bytes:
+        """RFC 5321 §4.4 trace header with the TLS clause RFC 8314 §4.3 asks for (RFC 3848 names)."""
+        engine, cfg = self.engine, self.services.config
+        env = msg.txn.envelope
+        proto = "UTF8SMTP" if env.smtputf8 else "SMTP"
+        if engine.esmtp and not env.smtputf8:
+            proto = "ESMTP"
+        if self.tls is not None:
+            proto += "S"
+        if engine.authenticated_as is not None:
+            proto += "A"
+        ip = self.client_ip
+        literal = f"IPv6:{ip}" if ":" in ip else ip
+        lines = [f"Received: from {engine.helo or 'unknown'} ([{literal}])",
+                 f"\tby {cfg.hostname} (mailward {__version__}) with {proto} id {msg.txn.id}"]
+        if self.tls is not None:
+            t = self.tls
+            lines.append(f"\t(using {t.version} with cipher {t.cipher} ({t.bits}/{t.bits} bits))")
+            lines.append(f"\ttls {t.cipher}")
+        when = email.utils.format_datetime(email.utils.localtime())
+        if len(msg.recipients) == 1:
+            lines.append(f"\tfor <{msg.recipients[0]}>; {when}")
+        else:
+            lines[-1] += ";"
+            lines.append(f"\t{when}")
+        return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+    # --- AUTH ------------------------------------------------------------------------------------
+
+    async def _auth_start(self, ev: AuthRequested) -> None:
+        throttle = self.services.throttle
+        if throttle.check(self.client_ip, None, self.services.clock()) is not None:
+            log.warning("%s AUTH refused: client locked out", self.log_prefix)
+            self.engine.respond(codes.AUTH_TEMPFAIL)
+            return
+        try:
+            self.sasl = start_exchange(ev.mechanism, ev.initial_response)
+        except UnsupportedMechanism:
+            self.engine.respond(codes.AUTH_BAD_MECH)
+            return
+        await self._auth_step(None)
+
+    async def _auth_step(self, data: bytes | None) -> None:
+        engine, sasl = self.engine, self.sasl
+        if sasl is None:
+            engine.respond(codes.BAD_SEQUENCE)
+            return
+        result = sasl.step(data)
+        if isinstance(result, Challenge):
+            engine.auth_challenge(result.data)
+            return
+        self.sasl = None
+        if isinstance(result, SaslFailure):
+            await self._auth_failed(None, result.reason)
+            return
+        assert isinstance(result, Credentials)
+        await self._auth_verify(result)
+
+    async def _auth_verify(self, cred: Credentials) -> None:
+        services, engine = self.services, self.engine
+        now = services.clock()
+        if services.throttle.check(self.client_ip, cred.authcid, now) is not None:
+            log.warning("%s AUTH refused for %s: locked out", self.log_prefix, cred.authcid)
+            engine.respond(codes.AUTH_TEMPFAIL)
+            return
+        record = None
+        if services.users is not None:
+            # argon2 costs tens of milliseconds of CPU: keep it off the event loop.
+            try:
+                record = await asyncio.get_running_loop().run_in_executor(
+                    None, services.users.verify, cred.authcid, cred.password)
+            except UserStoreError as exc:
+                log.error("%s AUTH impossible: %s", self.log_prefix, exc)
+                engine.respond(codes.AUTH_TEMPFAIL)
+                return
+        if record is None:
+            await self._auth_failed(cred.authcid, "bad credentials")
+            return
+        services.throttle.success(self.client_ip, record.name)
+        log.info("%s AUTH %s ok", self.log_prefix, record.name)
+        engine.auth_succeeded(record.name)
+
+    async def _auth_failed(self, user: str | None, reason: str) -> None:
+        throttle = self.services.throttle
+        throttle.failure(self.client_ip, user, self.services.clock())
+        delay = throttle.delay_for(self.client_ip, user, self.services.clock())
+        log.warning("%s AUTH failed for %s: %s", self.log_prefix, user or "?", reason)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        self.engine.respond(codes.AUTH_FAILED)
