@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import re
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum, auto
@@ -141,7 +142,7 @@ class ServerConnection:
         self.errors = 0
         self._in = bytearray()
         self._out: list[bytes] = []
-        self._events: list[ServerEvent] = []
+        self._events: deque[ServerEvent] = deque()
         self._state = _State.COMMAND
         self._pending: _Pending | None = None
         self._txn: _Transaction | None = None
@@ -196,8 +197,8 @@ class ServerConnection:
             if self._state in (_State.DECISION, _State.TLS, _State.CLOSED):
                 return None
             if not self._step():
-                return None
-        return self._events.pop(0)
+                break  # a step that needs more input may still have reported something
+        return self._events.popleft() if self._events else None
 
     def close(self, reply: Reply | None = None) -> None:
         """The session ends the conversation (timeout, shutdown): optional 421, then nothing more."""

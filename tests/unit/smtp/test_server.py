@@ -474,3 +474,11 @@ def test_serialising_refuses_parameter_smuggling() -> None:
     wire = cmd.to_bytes()
     assert b" NOTIFY" not in wire
     assert parse_command(wire[:-2]) == cmd
+
+
+def test_overlong_line_without_newline_is_reported_at_once() -> None:
+    srv = ServerConnection(ServerOptions(hostname="mx.test"))
+    srv.greet()
+    srv.receive_data(b"NOOP " + b"x" * 600)
+    ev = srv.next_event()
+    assert isinstance(ev, ProtocolError) and ev.reply.code == 500
