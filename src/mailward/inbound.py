@@ -228,10 +228,8 @@ class Session:
         tls = self.services.tls
         assert tls is not None
         try:
-            sslobj = await asyncio.wait_for(
-                self.stream.start_tls(tls.context, server_side=True),
-                self.listener.config.handshake_timeout,
-            )
+            async with asyncio.timeout(self.listener.config.handshake_timeout):
+                sslobj = await self.stream.start_tls(tls.context, server_side=True)
         except (TimeoutError, OSError, StreamClosed) as exc:
             log.info("%s TLS handshake failed: %s", self.log_prefix, exc or "timeout")
             return False
@@ -266,7 +264,9 @@ class Session:
                     return
                 timeout = lc.data_timeout if self.in_data else lc.command_timeout
                 try:
-                    data = await asyncio.wait_for(self.stream.read(), timeout)
+                    # asyncio.timeout() costs no extra task per read, unlike wait_for on 3.11.
+                    async with asyncio.timeout(timeout):
+                        data = await self.stream.read()
                 except TimeoutError:
                     log.info("%s timeout", self.log_prefix)
                     engine.close(codes.TIMEOUT)
