@@ -245,8 +245,6 @@ class QueueConfig:
         Derived("state_dir/queue/queue.db, or the PATH of url",
                 lambda s: s.here["url"].removeprefix("sqlite:///") if s.here["url"]
                 else s.root["state_dir"] / "queue" / "queue.db")))
-    group_commit_ms: Annotated[int, Range(0, 50)] = field(metadata=setting(
-        "milliseconds a commit waits so concurrent messages share one fsync", 2))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -98,7 +98,8 @@ class Service:
             raise StartupError(str(exc)) from None
         if cfg.tls.certificates:
             try:
-                self.tls = ServerTls([CertPair(c.cert, c.key) for c in cfg.tls.certificates])
+                self.tls = ServerTls([CertPair(c.cert, c.key) for c in cfg.tls.certificates],
+                                     min_version=cfg.tls.min_version)
             except CertificateError as exc:
                 raise StartupError(str(exc)) from None
         try:

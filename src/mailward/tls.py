@@ -112,7 +112,10 @@ class ServerTls:
     signature algorithms. A client sending no SNI, or an unknown name, gets the first pair.
     """
 
-    def __init__(self, pairs: Sequence[CertPair]) -> None:
+    def __init__(self, pairs: Sequence[CertPair], *, min_version: str = "TLSv1.2") -> None:
+        if min_version not in ("TLSv1.2", "TLSv1.3"):
+            raise ValueError(f"min_version must be TLSv1.2 or TLSv1.3, not {min_version!r}")
+        self._min_version = ssl.TLSVersion[min_version.replace(".", "_")]
         self._pairs = tuple(pairs)
         self._lock = threading.Lock()
         self._expiry_reported: set[tuple[Path, dt.datetime]] = set()
@@ -159,6 +162,7 @@ class ServerTls:
         contexts: dict[frozenset[str], ssl.SSLContext] = {}
         for names, members in groups.items():
             ctx = _new_server_context()
+            ctx.minimum_version = self._min_version
             for info in members:
                 _load_pair(ctx, info.pair)
             contexts[names] = ctx

@@ -72,8 +72,7 @@ def test_defaults() -> None:
         CertificateConfig(cert=Path("/etc/tls/fullchain.pem"), key=Path("/etc/tls/privkey.pem")),))
     assert cfg.auth == AuthConfig(users_file=Path("/var/lib/mailward/users"), mechanisms=("PLAIN", "LOGIN"),
                                   max_failures_per_ip=10, max_failures_per_user=5, lockout_seconds=900.0)
-    assert cfg.queue == QueueConfig(url=None, path=Path("/var/lib/mailward/queue/queue.db"),
-                                    group_commit_ms=2)
+    assert cfg.queue == QueueConfig(url=None, path=Path("/var/lib/mailward/queue/queue.db"))
     assert cfg.log == LogConfig(level="info", format="human")
 
 
@@ -160,7 +159,6 @@ lockout_seconds = 60
 
 [queue]
 path = "spool/queue.db"
-group_commit_ms = 10
 
 [log]
 level = "debug"
@@ -196,7 +194,7 @@ def test_full_file_loads_every_value(tmp_path: Path, monkeypatch: pytest.MonkeyP
         )),
         auth=AuthConfig(users_file=Path("/etc/mailward/users"), mechanisms=("PLAIN",), max_failures_per_ip=3,
                         max_failures_per_user=4, lockout_seconds=60.0),
-        queue=QueueConfig(url=None, path=etc / "spool/queue.db", group_commit_ms=10),
+        queue=QueueConfig(url=None, path=etc / "spool/queue.db"),
         log=LogConfig(level="debug", format="json"),
     )
 
@@ -295,16 +293,15 @@ ERRORS: list[tuple[dict[str, Any], str]] = [
     ({**L, "queue": {"url": "mysql://db"}}, "queue.url must be sqlite:///PATH, got 'mysql://db'."),
     ({**L, "queue": {"url": "sqlite:///a.db", "path": "/b.db"}},
      "queue.url and queue.path name different queue files; keep only one of them."),
-    ({**L, "queue": {"group_commit_ms": 51}},
-     "queue.group_commit_ms must be an integer between 0 and 50, got 51."),
+    ({**L, "auth": {"lockout_seconds": 0}},
+     "auth.lockout_seconds must be a number of seconds between 1 and 86400, got 0."),
     ({**L, "log": {"level": "INFO"}},
      "log.level must be one of 'debug', 'info', 'warning', 'error', got 'INFO'; did you mean 'info'?"),
     ({**L, "log": {"format": "xml"}}, "log.format must be one of 'human', 'json', got 'xml'."),
     ({**L, "listner": []}, "unknown key 'listner' in /etc/mailward.toml; did you mean 'listener'?"),
     (lst(prot=25), "unknown key 'listener[0].prot' in /etc/mailward.toml; did you mean 'port'?"),
     ({**L, "queue": {"zzz": 1}},
-     "unknown key 'queue.zzz' in /etc/mailward.toml; remove it (keys allowed here: url, path, "
-     "group_commit_ms)."),
+     "unknown key 'queue.zzz' in /etc/mailward.toml; remove it (keys allowed here: url, path)."),
     ({"tls": {"certificates": [{"cert": "/c", "key": "/k", "chain": "/x"}]}},
      "unknown key 'tls.certificates[0].chain' in /etc/mailward.toml"),
 ]

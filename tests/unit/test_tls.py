@@ -564,3 +564,10 @@ def test_demo_certificate_replaces_mismatched_key(tmp_path):
     )
     tls.make_demo_certificate(tmp_path, "mx.demo.example")
     ServerTls([pair])
+
+
+def test_min_version_tls13_refuses_tls12(tmp_path: Path) -> None:
+    pair = tls.make_demo_certificate(tmp_path, "localhost")
+    server = tls.ServerTls([pair], min_version="TLSv1.3")
+    assert server.context.minimum_version == ssl.TLSVersion.TLSv1_3
+    assert tls.ServerTls([pair]).context.minimum_version == ssl.TLSVersion.TLSv1_2
