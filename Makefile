@@ -19,7 +19,7 @@ run: $(STAMP)
 	$(BIN)/mailward serve --demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench fuzz
+	$(BIN)/ruff check src tests $(wildcard bench fuzz)
 	$(BIN)/mypy --strict src
 
 test: $(STAMP) debs lint
