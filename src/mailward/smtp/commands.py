@@ -43,12 +43,15 @@ _UNSAFE_ARG = re.compile(r"[\x00-\x1f\x7f]")
 _SASL_MECH = re.compile(r"[A-Z0-9_-]{1,20}\Z")
 _BDAT_SIZE = re.compile(r"[0-9]{1,15}\Z")
 _XTEXT_HEX = re.compile(r"\+([0-9A-F]{2})")
+_XTEXT_CHARS = re.compile(r"[!-<>-~]*\Z")  # RFC 3461 §4: xchar and "+", never "="
 BODY_TYPES = ("7BIT", "8BITMIME", "BINARYMIME")
 NOTIFY_VALUES = frozenset({"SUCCESS", "FAILURE", "DELAY"})
 
 
 def xtext_decode(value: str) -> str:
     """RFC 3461 §4 xtext: "+" HEXCHAR HEXCHAR stands for one octet; a stray "+" is an error."""
+    if not _XTEXT_CHARS.match(value):
+        raise ValueError("xtext is printable ASCII only")
     if "+" not in value:
         return value
     if value.count("+") != len(_XTEXT_HEX.findall(value)):
@@ -61,7 +64,10 @@ def xtext_encode(value: str) -> str:
     out = []
     for ch in value:
         o = ord(ch)
-        if ch in "+=" or o < 33 or o == 127:
+        if o > 255:
+            # xtext carries octets; a character it cannot carry must not pass through raw.
+            raise InjectionError(f"character beyond one octet in an xtext value: {value!r}")
+        if ch in "+=" or o < 33 or o > 126:
             out.append(f"+{o:02X}")
         else:
             out.append(ch)
@@ -73,8 +79,9 @@ _UTF8_XTEXT_HEX = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
 
 def utf8_addr_xtext_encode(value: str) -> str:
     """RFC 6533 §3 utf-8-addr-xtext: SP, "+", "=", backslash and controls as \\x{HEX}."""
-    return "".join(f"\\x{{{ord(c):X}}}" if c in "+=\\" or ord(c) <= 32 or ord(c) == 127 else c
-                   for c in value)
+    # Non-ASCII is allowed raw here, but not the Unicode spaces and controls that split or end lines.
+    return "".join(f"\\x{{{ord(c):X}}}" if c in "+=\\" or ord(c) <= 32 or 127 <= ord(c) <= 160
+                   or c.isspace() else c for c in value)
 
 
 def utf8_addr_xtext_decode(value: str) -> str:
@@ -82,6 +89,12 @@ def utf8_addr_xtext_decode(value: str) -> str:
         return _UTF8_XTEXT_HEX.sub(lambda m: chr(int(m.group(1), 16)), value)
     except (ValueError, OverflowError):
         raise ValueError("malformed utf-8-addr-xtext") from None
+
+
+def _check_hostname(value: str) -> str:
+    if not value or " " in value:
+        raise InjectionError(f"EHLO/HELO needs one word, got {value!r}")
+    return _check_arg(value)
 
 
 def _check_arg(value: str) -> str:
@@ -108,6 +121,8 @@ class MailParams:
             raise InjectionError(f"invalid RET value {self.ret!r}")
         if self.size is not None and self.size < 0:
             raise InjectionError("SIZE must not be negative")
+        if self.envid == "" or self.auth == "":
+            raise InjectionError("ENVID and AUTH values must not be empty")
         parts = []
         if self.size is not None:
             parts.append(f"SIZE={self.size}")
@@ -151,7 +166,9 @@ class RcptParams:
 def _split_params(text: str) -> list[tuple[str, str | None]]:
     out: list[tuple[str, str | None]] = []
     seen: set[str] = set()
-    for item in text.split():
+    # RFC 5321 separates parameters with SP only; str.split() would also split on U+0085 etc.,
+    # letting one decoded value smuggle a second parameter.
+    for item in filter(None, text.split(" ")):
         key, eq, value = item.partition("=")
         if not _KEYWORD.match(key) or (eq and (not value or _VALUE_BAD.search(value))):
             raise CommandError(codes.SYNTAX, f"malformed ESMTP parameter {item!r}")
@@ -249,7 +266,7 @@ class Ehlo:
     hostname: str
 
     def to_bytes(self) -> bytes:
-        return f"EHLO {_check_arg(self.hostname)}\r\n".encode()
+        return f"EHLO {_check_hostname(self.hostname)}\r\n".encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +274,7 @@ class Helo:
     hostname: str
 
     def to_bytes(self) -> bytes:
-        return f"HELO {_check_arg(self.hostname)}\r\n".encode()
+        return f"HELO {_check_hostname(self.hostname)}\r\n".encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,7 +434,7 @@ def parse_command(line: bytes) -> Command:
         except AddressError as err:
             raise CommandError(_address_reply(err), err.text) from None
     if verb == "BDAT":
-        parts = arg.split()
+        parts = [p for p in arg.split(" ") if p]
         if (
             not 1 <= len(parts) <= 2
             or not _BDAT_SIZE.match(parts[0])
@@ -426,7 +443,7 @@ def parse_command(line: bytes) -> Command:
             raise CommandError(codes.r(501, "5.5.4", "Syntax: BDAT size [LAST]"))
         return Bdat(int(parts[0]), len(parts) == 2)
     if verb == "AUTH":
-        parts = arg.split()
+        parts = [p for p in arg.split(" ") if p]
         if not 1 <= len(parts) <= 2:
             raise CommandError(codes.r(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"))
         mech = parts[0].upper()

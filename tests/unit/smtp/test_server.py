@@ -482,3 +482,25 @@ def test_overlong_line_without_newline_is_reported_at_once() -> None:
     srv.receive_data(b"NOOP " + b"x" * 600)
     ev = srv.next_event()
     assert isinstance(ev, ProtocolError) and ev.reply.code == 500
+
+
+def test_auth_failures_reaching_the_error_limit_close_after_the_reply() -> None:
+    opts = ServerOptions(hostname="mx.test", auth_mechanisms=("PLAIN",), hard_error_limit=2)
+    srv = ServerConnection(opts, tls_active=True)
+    srv.greet()
+    events = pump(srv, [EHLO + b"AUTH PLAIN AHUAcA==\r\nAUTH PLAIN AHUAcA==\r\nNOOP\r\n"],
+                  decide=reject_with(codes.AUTH_FAILED))
+    assert codes_of(srv.data_to_send())[-3:] == ["535 5.7.8", "535 5.7.8", "421 4.7.0"]
+    assert srv.closed and isinstance(events[-1], ConnectionClosing)
+
+
+def test_parameters_split_on_space_only() -> None:
+    from mailward.smtp.commands import CommandError, Mail, MailParams, parse_command
+
+    with pytest.raises(CommandError):
+        parse_command("MAIL FROM:<a@b.test> ENVID=x\x85REQUIRETLS".encode())
+    cmd = parse_command(b"MAIL FROM:<a@b.test> ENVID=x+85REQUIRETLS")
+    assert isinstance(cmd, Mail) and cmd.params.envid == "x\x85REQUIRETLS" and not cmd.params.requiretls
+    relayed = Mail(cmd.sender, MailParams(envid=cmd.params.envid)).to_bytes()
+    assert relayed == b"MAIL FROM:<a@b.test> ENVID=x+85REQUIRETLS\r\n"
+    assert parse_command(relayed[:-2]) == Mail(cmd.sender, MailParams(envid="x\x85REQUIRETLS"))
