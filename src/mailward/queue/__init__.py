@@ -254,7 +254,7 @@ class Recipient:
 
     address: str
     dsn_notify: frozenset[str] = frozenset()  # empty: the default (FAILURE, and DELAY at our choice)
-    dsn_orcpt: str | None = None  # "addr-type;xtext" exactly as received
+    dsn_orcpt: str | None = None  # "addr-type;address", the address already decoded from xtext
 
     def __post_init__(self) -> None:
         _check_clean("address", self.address)
