@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
+import warnings
 from pathlib import Path
 
 from mailward import __version__
@@ -50,8 +51,16 @@ def _password(args: argparse.Namespace) -> str:
     if args.password_stdin:
         pw = sys.stdin.readline().rstrip("\n")
     else:
-        pw = getpass.getpass("Password: ")
-        if getpass.getpass("Again: ") != pw:
+        try:
+            with warnings.catch_warnings():
+                # Without a terminal getpass would warn, then echo the password or hit EOF.
+                warnings.simplefilter("error", getpass.GetPassWarning)
+                pw = getpass.getpass("Password: ")
+                again = getpass.getpass("Again: ")
+        except (EOFError, getpass.GetPassWarning):
+            raise UserStoreError("no password was given: there is no terminal to ask on (or input "
+                                 "ended); pass --password-stdin and write it to standard input.") from None
+        if again != pw:
             raise UserStoreError("the two passwords differ; run the command again.")
     if len(pw) < 8:
         raise UserStoreError("the password is shorter than 8 characters; choose a longer one.")

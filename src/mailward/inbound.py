@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from mailward.auth import (
 from mailward.config import Config, ListenerConfig
 from mailward.queue import Envelope, Queue, QueueError, Recipient, TlsFacts, Transaction
 from mailward.smtp import codes
+from mailward.smtp.address import AddressError, domain_to_ascii
 from mailward.smtp.codes import Reply
 from mailward.smtp.events import (
     AuthCancelled,
@@ -57,6 +59,39 @@ from mailward.tls import ServerTls, tls_facts
 log = logging.getLogger("mailward.inbound")
 
 AUTH_KINDS = ("submission", "submissions")
+
+# RFC 8314 §4.3 wants the IANA registry name in the `tls` clause. OpenSSL already uses those for
+# TLS 1.3 suites but has its own names for TLS 1.2; these are the ones tls.TLS12_CIPHERS offers.
+_IANA_TLS12_SUITES = {
+    "ECDHE-ECDSA-AES128-GCM-SHA256": "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+    "ECDHE-RSA-AES128-GCM-SHA256": "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384": "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+    "ECDHE-RSA-AES256-GCM-SHA384": "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305": "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+    "ECDHE-RSA-CHACHA20-POLY1305": "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+}
+_IANA_SUITE_RE = re.compile(r"TLS_[A-Z0-9_]+")
+
+
+def _trace_name(helo: str | None) -> str:
+    """The EHLO name as Received: may show it: a domain (A-labels) or address literal, else "unknown".
+
+    The engine takes any word as EHLO argument; a ';' or '(' in it would end the clauses early or
+    open a comment, letting the client forge the rest of our trace header.
+    """
+    if not helo:
+        return "unknown"
+    try:
+        return domain_to_ascii(helo, allow_literal=True)
+    except AddressError:
+        return "unknown"
+
+
+def iana_cipher_suite(openssl_name: str) -> str | None:
+    """The registry name of a negotiated suite, or None when unknown (the clause is then left out)."""
+    if _IANA_SUITE_RE.fullmatch(openssl_name):
+        return openssl_name
+    return _IANA_TLS12_SUITES.get(openssl_name)
 
 
 @dataclass(slots=True)
@@ -206,7 +241,7 @@ class Session:
         started = time.monotonic()
         try:
             if lc.kind == "submissions":
-                if not await self._handshake():
+                if not await self._handshake(implicit=True):
                     return
                 self.engine.tls_active = True
             self.engine.greet()
@@ -224,14 +259,15 @@ class Session:
             self.stream.close()
             log.info("%s disconnect after %.1fs", self.log_prefix, time.monotonic() - started)
 
-    async def _handshake(self) -> bool:
+    async def _handshake(self, *, implicit: bool = False) -> bool:
         tls = self.services.tls
         assert tls is not None
         try:
             async with asyncio.timeout(self.listener.config.handshake_timeout):
-                sslobj = await self.stream.start_tls(tls.context, server_side=True)
+                sslobj = await self.stream.start_tls(tls.context, server_side=True, implicit=implicit)
         except (TimeoutError, OSError, StreamClosed) as exc:
-            log.info("%s TLS handshake failed: %s", self.log_prefix, exc or "timeout")
+            # str(), not the exception itself: an exception is always truthy, a timeout's text empty.
+            log.info("%s TLS handshake failed: %s", self.log_prefix, str(exc) or "timeout")
             return False
         self.tls = tls_facts(sslobj)
         log.info("%s TLS %s %s", self.log_prefix, self.tls.version, self.tls.cipher)
@@ -362,7 +398,9 @@ class Session:
             log.warning("%s relay denied to <%s>", self.log_prefix, rcpt)
             engine.respond(codes.RELAY_DENIED)
             return
-        address = str(rcpt) if rcpt.domain else "postmaster"
+        # Queue the domain the relay decision was made on (lower-case A-labels), not the spelling
+        # the client chose, so delivery can never route on a name this check did not see.
+        address = f"{rcpt.local_part}@{rcpt.ascii_domain}" if rcpt.domain else "postmaster"
         notify = ev.params.notify if ev.params.notify is not None else frozenset()
         try:
             await msg.txn.add_rcpt(Recipient(address=address, dsn_notify=notify,
@@ -420,30 +458,35 @@ class Session:
                 log.error("%s abort failed: %s", self.log_prefix, exc)
 
     def _received_header(self, msg: _MessageState) -> bytes:
-        """RFC 5321 §4.4 trace header with the TLS clause RFC 8314 §4.3 asks for (RFC 3848 names)."""
+        """RFC 5321 §4.4 trace header with the TLS clause RFC 8314 §4.3 asks for (RFC 3848 names).
+
+        Clause order is the grammar's: from, by, with, id, for, then registered clauses (`tls`).
+        """
         engine, cfg = self.engine, self.services.config
         env = msg.txn.envelope
-        proto = "UTF8SMTP" if env.smtputf8 else "SMTP"
-        if engine.esmtp and not env.smtputf8:
-            proto = "ESMTP"
-        if self.tls is not None:
+        tls, authenticated = self.tls, engine.authenticated_as is not None
+        if env.smtputf8:
+            proto = "UTF8SMTP"
+        else:
+            # STARTTLS and AUTH are ESMTP extensions; RFC 3848 registers no "SMTPS"/"SMTPA".
+            proto = "ESMTP" if engine.esmtp or tls is not None or authenticated else "SMTP"
+        if tls is not None:
             proto += "S"
-        if engine.authenticated_as is not None:
+        if authenticated:
             proto += "A"
         ip = self.client_ip
         literal = f"IPv6:{ip}" if ":" in ip else ip
-        lines = [f"Received: from {engine.helo or 'unknown'} ([{literal}])",
-                 f"\tby {cfg.hostname} (mailward {__version__}) with {proto} id {msg.txn.id}"]
-        if self.tls is not None:
-            t = self.tls
-            lines.append(f"\t(using {t.version} with cipher {t.cipher} ({t.bits}/{t.bits} bits))")
-            lines.append(f"\ttls {t.cipher}")
-        when = email.utils.format_datetime(email.utils.localtime())
+        lines = [f"Received: from {_trace_name(engine.helo)} ([{literal}])"]
+        if tls is not None:
+            lines.append(f"\t(using {tls.version} with cipher {tls.cipher} ({tls.bits}/{tls.bits} bits))")
+        lines.append(f"\tby {cfg.hostname} (mailward {__version__}) with {proto} id {msg.txn.id}")
         if len(msg.recipients) == 1:
-            lines.append(f"\tfor <{msg.recipients[0]}>; {when}")
-        else:
-            lines[-1] += ";"
-            lines.append(f"\t{when}")
+            lines.append(f"\tfor <{msg.recipients[0]}>")
+        suite = iana_cipher_suite(tls.cipher) if tls is not None else None
+        if suite is not None:
+            lines.append(f"\ttls {suite}")
+        lines[-1] += ";"
+        lines.append(f"\t{email.utils.format_datetime(email.utils.localtime())}")
         return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
     # --- AUTH ------------------------------------------------------------------------------------

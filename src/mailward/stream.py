@@ -147,8 +147,10 @@ class SmtpStream(asyncio.Protocol):
                 self.abort()
                 return
             self._flush_tls()
-        else:
+        elif self._in_bio is None:
             self.transport.write(data)
+        # else: TLS has begun but no session exists yet (or the handshake failed). Plaintext here
+        # would land in the middle of the handshake, e.g. a shutdown's 421, so it is dropped.
 
     async def drain(self) -> None:
         if self._write_blocked and self.transport is not None and not self.transport.is_closing():
@@ -163,14 +165,23 @@ class SmtpStream(asyncio.Protocol):
     # --- TLS -------------------------------------------------------------------------------------------
 
     async def start_tls(self, context: ssl.SSLContext, *, server_side: bool,
-                        server_hostname: str | None = None) -> ssl.SSLObject:
-        """Switch to TLS now. Every plaintext byte already received is discarded first."""
+                        server_hostname: str | None = None, implicit: bool = False) -> ssl.SSLObject:
+        """Switch to TLS now. Every plaintext byte already received is discarded first.
+
+        With `implicit` (TLS from the first byte, as on port 465) nothing received was plaintext:
+        the bytes that arrived before this call are the start of the ClientHello and are kept.
+        """
         if self.transport is None or self.transport.is_closing():
             raise StreamClosed("connection closed before TLS could start")
+        # A fast client's ClientHello can arrive before the session task runs; dropping it as if
+        # it were STARTTLS plaintext would stall the handshake until the timeout.
+        early = b"".join(self._plain) if implicit else b""
         self._plain.clear()
         self._plain_size = 0
         self._in_bio = ssl.MemoryBIO()
         self._out_bio = ssl.MemoryBIO()
+        if early:
+            self._in_bio.write(early)
         sslobj = context.wrap_bio(self._in_bio, self._out_bio, server_side=server_side,
                                   server_hostname=server_hostname)
         self._handshake_obj = sslobj

@@ -18,25 +18,13 @@ from mailward.tls import demo_ca_path, make_demo_certificate
 
 USER = "alice@example.test"
 PASSWORD = "correct horse battery"
+KINDS = ("mx", "submission", "submissions")
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mailward exited early with status {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"mailward did not listen on port {port} within {timeout}s")
 
 
 @dataclass
@@ -46,7 +34,12 @@ class MailwardServer:
     submission: int = field(default_factory=free_port)
     submissions: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    # Top-level TOML (keys or whole tables such as [auth]) placed before the listeners.
     extra_toml: str = ""
+    # Extra `key = value` lines for the [[listener]] table of one kind ("mx", "submission", ...).
+    listener_toml: dict[str, str] = field(default_factory=dict)
+    log_level: str = "debug"
+    _log_offset: int = 0
 
     @property
     def config_path(self) -> Path:
@@ -57,77 +50,148 @@ class MailwardServer:
         return demo_ca_path(self.root / "tls")
 
     @property
+    def cert(self) -> Path:
+        return self.root / "tls" / "cert.pem"
+
+    @property
+    def key(self) -> Path:
+        return self.root / "tls" / "key.pem"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    @property
     def queue_path(self) -> Path:
-        return self.root / "state" / "queue" / "queue.db"
+        return self.state_dir / "queue" / "queue.db"
+
+    @property
+    def users_path(self) -> Path:
+        return self.state_dir / "users"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.state_dir / "mailward.pid"
 
     @property
     def log_path(self) -> Path:
         return self.root / "mailward.log"
 
-    def write_config(self) -> None:
-        pair = make_demo_certificate(self.root / "tls", "localhost")
-        (self.root / "state").mkdir(exist_ok=True)
-        self.config_path.write_text(f"""
+    def port(self, kind: str) -> int:
+        return int(getattr(self, kind))
+
+    def config_text(self) -> str:
+        listeners = "".join(
+            f"""
+[[listener]]
+kind = "{kind}"
+address = "127.0.0.1"
+port = {self.port(kind)}
+{self.listener_toml.get(kind, "")}
+"""
+            for kind in KINDS
+        )
+        return f"""
 hostname = "mx.example.test"
 state_dir = "state"
 local_domains = ["example.test"]
 {self.extra_toml}
-
-[[listener]]
-kind = "mx"
-address = "127.0.0.1"
-port = {self.mx}
-
-[[listener]]
-kind = "submission"
-address = "127.0.0.1"
-port = {self.submission}
-
-[[listener]]
-kind = "submissions"
-address = "127.0.0.1"
-port = {self.submissions}
-
+{listeners}
 [[tls.certificates]]
-cert = "{pair.cert}"
-key = "{pair.key}"
+cert = "{self.cert}"
+key = "{self.key}"
 
 [log]
-level = "debug"
-""")
+level = "{self.log_level}"
+"""
+
+    def write_config(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        make_demo_certificate(self.root / "tls", "localhost")
+        self.state_dir.mkdir(exist_ok=True)
+        self.config_path.write_text(self.config_text())
         self.cli("user", "add", USER, "--password-stdin", stdin=PASSWORD + "\n")
 
-    def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, stdin: str | None = None, check: bool = True,
+            config: Path | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "mailward.cli", *args, "--config", str(self.config_path)],
-            input=stdin, capture_output=True, text=True, check=True, timeout=60,
+            [sys.executable, "-m", "mailward.cli", *args, "--config", str(config or self.config_path)],
+            input=stdin, capture_output=True, text=True, check=check, timeout=60, cwd=self.root,
         )
 
-    def start(self) -> None:
-        log = self.log_path.open("ab")
+    def start(self, timeout: float = 20.0) -> None:
+        """Start `mailward serve` and wait until it wrote its pid file, i.e. every listener is bound.
+
+        Waiting on the pid file rather than probing the ports keeps probe connections out of
+        tests that count connections.
+        """
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mailward.cli", "serve", "--config", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root,
-        )
-        for port in (self.mx, self.submission, self.submissions):
-            wait_for_port(port, self.proc)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mailward.cli", "serve", "--config", str(self.config_path)],
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                code = self.proc.returncode
+                self.proc = None
+                raise RuntimeError(f"mailward exited early with status {code}:\n{self.log()}")
+            try:
+                if int(self.pid_path.read_text().strip()) == self.proc.pid:
+                    return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.02)
+        self.kill()
+        raise TimeoutError(f"mailward did not start within {timeout}s:\n{self.log()}")
 
-    def stop(self, sig: int = signal.SIGTERM) -> int:
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def send_signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40.0) -> int:
         if self.proc is None:
             return 0
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            code = self.proc.wait(timeout=40)
+            code = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            code = self.proc.wait()
+            code = self.proc.wait(timeout=10)
         self.proc = None
         return code
 
+    def kill(self) -> None:
+        """SIGKILL: no drain, no cleanup, as a crash or the OOM killer would end it."""
+        self.stop(signal.SIGKILL)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_since_start(self) -> str:
+        """The log written by the current (or last) run only."""
+        if not self.log_path.exists():
+            return ""
+        with self.log_path.open("rb") as f:
+            f.seek(self._log_offset)
+            return f.read().decode(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            log = self.log_since_start()
+            if text in log:
+                return log
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not logged within {timeout}s:\n{self.log_since_start()}")
 
     def messages(self) -> list[tuple[StoredMessage, bytes]]:
         """Every stored message with its verified body (read with the queue's own reader)."""
