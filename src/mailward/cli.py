@@ -1,4 +1,5 @@
-"""Command-line entry point: mailward serve | reload | config check | user ... | version."""
+"""Command-line entry point: mailward serve | reload | config check | user ... | queue ... | sendmail |
+version."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from mailward import __version__
+from mailward import __version__, queuetool
 from mailward.auth import UserStore, UserStoreError
 from mailward.config import Config, ConfigError, describe, load_config
 
@@ -84,6 +85,10 @@ def cmd_user(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_queue(args: argparse.Namespace) -> int:
+    return queuetool.run(args, _config(args).queue.path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailward", description="A mail transfer agent that "
                                      "delivers securely or not at all.")
@@ -123,12 +128,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = user_sub.add_parser("list", parents=[common], help="list users")
     p.set_defaults(func=cmd_user)
 
+    queuetool.add_parser(sub, common, cmd_queue)
+    # Listed for --help only: main() hands `sendmail` its arguments before argparse sees them.
+    sub.add_parser("sendmail", help="submit a message read from standard input, like sendmail(8); "
+                   "see mailward sendmail --help", add_help=False)
+
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=lambda args: print(f"mailward {__version__}") or 0)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sendmail"]:
+        # sendmail(8) options (-oi, -bm, -FName, -f addr) are getopt-shaped, not argparse-shaped.
+        from mailward.sendmail import main as sendmail_main
+
+        return sendmail_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         result: int = args.func(args)

@@ -150,14 +150,103 @@ def _non_empty(value: tuple[object, ...]) -> tuple[object, ...]:
     return value
 
 
+@dataclass(frozen=True, slots=True)
+class NextHop:
+    """A parsed ``[delivery.route]`` next_hop or smarthost: where to connect, and whether MX applies."""
+
+    host: str  # a lower-case domain, or an IP address without brackets when `literal`
+    port: int | None
+    literal: bool  # "[192.0.2.1]": connect to that address, no DNS at all
+    mx: bool  # a bare "host": look up its MX records like a recipient domain
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if self.literal else self.host
+        return host if self.port is None else f"{host}:{self.port}"
+
+
+def parse_next_hop(value: str) -> NextHop:
+    """Postfix transport syntax: ``[ip]:port``, ``[ip]``, ``host:port``, ``[host]`` or ``host``.
+
+    A bare ``host`` goes through MX lookup; brackets or a port name the host to connect to.
+    """
+    text, port = value, None
+    head, sep, tail = value.rpartition(":")
+    if sep and (head.endswith("]") or ("[" not in head and ":" not in head)):
+        if not tail.isdigit() or not 1 <= int(tail) <= 65535:
+            raise ValueError(value)
+        text, port = head, int(tail)
+    bracketed = text.startswith("[") and text.endswith("]")
+    inner = text[1:-1] if bracketed else text
+    try:
+        address = str(ipaddress.ip_address(inner))
+    except ValueError:
+        name = _domain_name(inner)
+        return NextHop(name, port, literal=False, mx=not bracketed and port is None)
+    return NextHop(address, port, literal=True, mx=False)
+
+
+def _next_hop(value: str) -> str:
+    return str(parse_next_hop(value))
+
+
+def _endpoint_address(value: str) -> str:
+    # "IP" or "IP:port"; IPv6 with a port is bracketed: "[::1]:5353". Normalised to that form.
+    try:
+        return str(ipaddress.ip_address(value))  # a bare IPv6 address has colons but no port
+    except ValueError:
+        hop = parse_next_hop(value)
+    if not hop.literal:
+        raise ValueError(value)
+    if hop.port is None:
+        return hop.host
+    return f"[{hop.host}]:{hop.port}" if ":" in hop.host else f"{hop.host}:{hop.port}"
+
+
+def _lmtp_target(value: str) -> str:
+    if value.startswith("unix:"):
+        if not value[5:].startswith("/"):
+            raise _Invalid(f"'{value}' must name an absolute socket path, e.g. unix:/run/dovecot/lmtp")
+        return value
+    hop = parse_next_hop(value)
+    if hop.port is None:
+        raise ValueError(value)
+    return str(hop)
+
+
+def _route_domain(value: str) -> str:
+    if value.startswith("."):
+        return "." + _domain_name(value[1:])
+    return _domain_name(value)
+
+
+def _local_part(value: str) -> str:
+    if not value or "@" in value or any(c.isspace() or ord(c) < 0x20 or c == "\x7f" for c in value):
+        raise ValueError(value)
+    return value
+
+
+def _alias_target(value: str) -> str:
+    if not value or any(c.isspace() or ord(c) < 0x20 or c == "\x7f" for c in value):
+        raise ValueError(value)
+    return value
+
+
 HOSTNAME = Check("a DNS name such as mail.example.org", _domain_name)
 DOMAIN = Check("a domain name such as example.org", _domain_name)
 IP_ADDRESS = Check("an IPv4 or IPv6 address such as 0.0.0.0 or ::", _ip_address)
 LOG_LABEL = Check("up to 64 letters, digits, '.', '_' or '-'", _log_label)
 QUEUE_URL = Check("sqlite:///PATH", _queue_url)
 NON_EMPTY = Check("a non-empty array", _non_empty)
+ROUTE_DOMAIN = Check("a domain such as example.org, or .example.org for its subdomains", _route_domain)
+NEXT_HOP = Check("[IP]:port, [IP], host:port, [host] or host", _next_hop)
+ENDPOINT = Check("an IP address, optionally with a port, such as 127.0.0.1 or [::1]:53", _endpoint_address)
+LMTP_TARGET = Check("unix:/path/to/socket or host:port", _lmtp_target)
+LOCAL_PART = Check("the local part of an address, such as postmaster", _local_part)
+ALIAS_TARGET = Check("a local user such as alice or an address such as alice@example.org", _alias_target)
 
 ListenerKind = Literal["mx", "submission", "submissions"]
+RouteSecurity = Literal["none", "may", "encrypt", "verify"]
+SmarthostTls = Literal["implicit", "starttls"]
 Mechanism = Literal["PLAIN", "LOGIN"]
 
 _KIND_PORTS: dict[str, int] = {"mx": 25, "submission": 587, "submissions": 465}
@@ -256,6 +345,113 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RouteConfig:
+    domain: Annotated[str, ROUTE_DOMAIN] = field(metadata=setting(
+        "recipient domain this route applies to; a leading '.' (\".example.org\") means its subdomains"))
+    next_hop: Annotated[str, NEXT_HOP] = field(metadata=setting(
+        "where its mail goes: [IP]:port or host:port connect there directly, host looks up the MX of host"))
+    security: RouteSecurity = field(metadata=setting(
+        "TLS for this route: none, may (STARTTLS when offered), encrypt (TLS required, not "
+        "authenticated) or verify (TLS with a certificate valid for the next-hop host)", "may"))
+    ca_file: Path | None = field(metadata=setting(
+        "PEM CA certificates to verify the next hop against with security = verify; default: the "
+        "system's", None))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SmarthostConfig:
+    host: Annotated[str, NEXT_HOP] = field(metadata=setting(
+        "relay host every non-local message is sent through, e.g. smtp.example.net (no MX lookup)"))
+    tls: SmarthostTls = field(metadata=setting(
+        "implicit: TLS from the first byte (RFC 8314, port 465); starttls: STARTTLS is required "
+        "(port 587); the certificate is always verified against host", "implicit"))
+    port: Annotated[int, Range(1, 65535)] = field(metadata=setting(
+        "TCP port of the relay", Derived("465 for implicit, 587 for starttls",
+                                         lambda s: 465 if s.here["tls"] == "implicit" else 587)))
+    username: str | None = field(metadata=setting(
+        "SMTP AUTH user name; AUTH is sent only over verified TLS", None))
+    password_file: Path | None = field(metadata=setting(
+        "file whose first line is the AUTH password, read at start-up; keep it readable only by "
+        "mailward", None))
+    ca_file: Path | None = field(metadata=setting(
+        "PEM CA certificates the relay's certificate must chain to; default: the system's", None))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeliveryConfig:
+    enabled: bool = field(metadata=setting(
+        "false accepts and queues mail but delivers nothing (like Exim's queue_only), e.g. during a "
+        "migration; queued mail goes out once this is true again and mailward restarts", True))
+    concurrency: Annotated[int, Range(1, 10000)] = field(metadata=setting(
+        "outbound connections open at once, over all destinations", 100))
+    per_destination: Annotated[int, Range(1, 1000)] = field(metadata=setting(
+        "outbound connections open at once to one destination (domain, route or smarthost)", 20))
+    slow_start_initial: Annotated[int, Range(1, 1000)] = field(metadata=setting(
+        "connections a destination starts with; one more per success up to per_destination, "
+        "halved on failure (Postfix's slow start)", 2))
+    connect_timeout: Annotated[float, Range(1, 600)] = field(metadata=setting(
+        "seconds to set up a TCP connection or a TLS handshake", 30))
+    command_timeout: Annotated[float, Range(1, 3600)] = field(metadata=setting(
+        "seconds to wait for the greeting or a reply to a command (RFC 5321 §4.5.3.2)", 300))
+    data_timeout: Annotated[float, Range(1, 3600)] = field(metadata=setting(
+        "seconds to send the message content and wait for the reply to its end", 600))
+    retry_initial: Annotated[float, Range(1, 86400)] = field(metadata=setting(
+        "seconds before the first retry of a deferred recipient; doubles on each attempt", 300))
+    retry_max: Annotated[float, Range(1, 604800)] = field(metadata=setting(
+        "longest wait between two attempts, in seconds", 14400))
+    max_lifetime: Annotated[float, Range(60, 31536000)] = field(metadata=setting(
+        "seconds a recipient is retried before it fails with 4.4.7 and a bounce goes to the sender",
+        432000))
+    delay_warning: Annotated[float, Range(0, 31536000)] = field(metadata=setting(
+        "seconds after which the sender is told once that delivery is delayed; 0 never tells", 14400))
+    dead_host_seconds: Annotated[float, Range(0, 86400)] = field(metadata=setting(
+        "seconds a host that refused or timed out is skipped (its recipients wait) before it is tried "
+        "again", 300))
+    lease_seconds: Annotated[float, Range(5, 86400)] = field(metadata=setting(
+        "seconds a message stays claimed by this process, renewed while delivery runs; a crashed "
+        "process's messages come back after it", 600))
+    helo_name: Annotated[str, HOSTNAME] = field(metadata=setting(
+        "name sent in EHLO/HELO", Derived("hostname", lambda s: s.root["hostname"])))
+    port: Annotated[int, Range(1, 65535)] = field(metadata=setting(
+        "TCP port of MX hosts and of routes that name none", 25))
+    routes: tuple[RouteConfig, ...] = field(metadata=setting(
+        "per-domain next hops, like Postfix's transport map", [], toml_name="route"))
+    smarthost: SmarthostConfig | None = field(metadata=setting(
+        "relay all non-local mail through this host instead of MX delivery", None))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DnsConfig:
+    resolvers: tuple[Annotated[str, ENDPOINT], ...] = field(metadata=setting(
+        "resolver addresses (IP or IP:port); empty uses the system's (/etc/resolv.conf)", []))
+    timeout: Annotated[float, Range(1, 60)] = field(metadata=setting(
+        "seconds to wait for one DNS answer", 5))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AliasConfig:
+    name: Annotated[str, LOCAL_PART] = field(metadata=setting(
+        "local part that is an alias, in every local domain, e.g. postmaster"))
+    targets: Annotated[tuple[Annotated[str, ALIAS_TARGET], ...], NON_EMPTY] = field(metadata=setting(
+        "local users or addresses the alias delivers to"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LocalConfig:
+    maildir: Path = field(metadata=setting(
+        "root of the Maildirs: each local user gets maildir/<user>/ (tmp, new, cur)",
+        Derived("state_dir/mail", lambda s: s.root["state_dir"] / "mail")))
+    lmtp: Annotated[str, LMTP_TARGET] | None = field(metadata=setting(
+        "hand local mail to an LMTP server (RFC 2033) such as Dovecot instead of the Maildirs: "
+        "unix:/path or host:port", None))
+    aliases: tuple[AliasConfig, ...] = field(metadata=setting(
+        "local parts delivered to other users or addresses", [], toml_name="alias"))
+    catch_all: Annotated[str, ALIAS_TARGET] | None = field(metadata=setting(
+        "user that receives mail for local parts that match no user or alias; unset refuses them",
+        None))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     hostname: Annotated[str, HOSTNAME] = field(metadata=setting(
         "this server's DNS name, used in the greeting, EHLO and Received headers",
@@ -276,6 +472,9 @@ class Config:
     auth: AuthConfig = field(metadata=setting("SMTP AUTH on submission listeners", {}))
     queue: QueueConfig = field(metadata=setting("where accepted messages are kept until delivered", {}))
     log: LogConfig = field(metadata=setting("log output on stderr", {}))
+    delivery: DeliveryConfig = field(metadata=setting("outbound delivery: retries, limits, routes", {}))
+    dns: DnsConfig = field(metadata=setting("how delivery resolves MX and address records", {}))
+    local: LocalConfig = field(metadata=setting("delivery for local_domains: Maildir or LMTP", {}))
 
 
 # --- reading the schema ---------------------------------------------------------------------------
@@ -306,6 +505,9 @@ def _strip_annotated(hint: Any) -> tuple[Any, tuple[Any, ...]]:
 
 def _is_table(hint: Any) -> bool:
     base, _ = _strip_annotated(hint)
+    if typing.get_origin(base) in (typing.Union, types.UnionType):  # an optional table
+        args = [a for a in typing.get_args(base) if a is not type(None)]
+        base = args[0] if len(args) == 1 else None
     return isinstance(base, type) and dataclasses.is_dataclass(base)
 
 
@@ -434,6 +636,10 @@ class _Loader:
             return self.array(typing.get_args(base)[0], raw, key)
         if isinstance(base, type) and dataclasses.is_dataclass(base):
             return self.table(base, raw, key)
+        if base is bool:
+            if isinstance(raw, bool):
+                return raw
+            raise ConfigError(f"{key} must be true or false, got {_show(raw)}.")
         if base is int:
             if isinstance(raw, int) and not isinstance(raw, bool) and _within(raw, bounds):
                 return raw
@@ -524,6 +730,32 @@ def _check_whole(config: Config, raw: Mapping[str, Any], loader: _Loader) -> Non
         if domain in config.local_domains:
             raise ConfigError(f"relay_domains[{i}] '{domain}' is also in local_domains; list each domain "
                               "in only one of them.")
+    _check_delivery(config.delivery)
+
+
+def _check_delivery(dc: DeliveryConfig) -> None:
+    if dc.per_destination > dc.concurrency:
+        raise ConfigError(f"delivery.per_destination ({dc.per_destination}) exceeds delivery.concurrency "
+                          f"({dc.concurrency}); lower per_destination or raise concurrency.")
+    if dc.slow_start_initial > dc.per_destination:
+        raise ConfigError(f"delivery.slow_start_initial ({dc.slow_start_initial}) exceeds "
+                          f"delivery.per_destination ({dc.per_destination}); lower it.")
+    if dc.retry_initial > dc.retry_max:
+        raise ConfigError(f"delivery.retry_initial ({dc.retry_initial:g}) exceeds delivery.retry_max "
+                          f"({dc.retry_max:g}); lower retry_initial or raise retry_max.")
+    seen: dict[str, int] = {}
+    for i, route in enumerate(dc.routes):
+        if route.domain in seen:
+            raise ConfigError(f"delivery.route[{i}] repeats the domain '{route.domain}' of "
+                              f"delivery.route[{seen[route.domain]}]; keep one route per domain.")
+        seen[route.domain] = i
+    sh = dc.smarthost
+    if sh is not None:
+        if parse_next_hop(sh.host).port is not None:
+            raise ConfigError("delivery.smarthost.host must not carry a port; set delivery.smarthost.port.")
+        if (sh.username is None) != (sh.password_file is None):
+            raise ConfigError("delivery.smarthost needs both username and password_file for AUTH, or "
+                              "neither; set the missing one.")
 
 
 def _addresses_overlap(a: str, b: str) -> bool:
@@ -589,6 +821,7 @@ def demo_config(var_dir: Path) -> Config:
     return config_from_dict({
         "hostname": "localhost",
         "state_dir": str(var_dir),
+        # Mail for these lands in var_dir/mail/<user>/new at once (local.maildir's default).
         "local_domains": ["localhost", "mailward.test"],
         "listener": [
             {"kind": "mx", "address": "127.0.0.1", "port": 2525},
@@ -661,7 +894,7 @@ def _describe_table(obj: object, path: str, lines: list[str]) -> None:
         value = getattr(obj, k.attr)
         # TOML puts a table's own keys before its sub-tables, and an empty array of tables has no
         # [[header]] to carry it, so it is written inline.
-        if _is_table(k.hint) or (_table_array_item(k.hint) is not None and value):
+        if (_is_table(k.hint) and value is not None) or (_table_array_item(k.hint) is not None and value):
             later.append((k, value))
             continue
         comment = f"  # {k.setting.doc}{_default_note(k.setting.default)}"

@@ -1,4 +1,5 @@
-"""Inbound SMTP: the listeners (mx on 25, submission on 587, submissions on 465) and their sessions.
+"""Inbound SMTP: the listeners (mx on 25, submission on 587, submissions on 465, the local socket)
+and their sessions.
 
 A session is a short asyncio loop around the sans-IO server engine: it reads bytes from an
 `SmtpStream`, feeds the engine, answers its decision events from listener rules, AUTH and the queue,
@@ -9,13 +10,20 @@ the message is fsync'd (RFC 5321 §6.1).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import logging
+import os
 import re
+import socket
+import stat
+import struct
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
 
 from mailward import __version__
 from mailward.auth import (
@@ -29,7 +37,7 @@ from mailward.auth import (
     UserStoreError,
     start_exchange,
 )
-from mailward.config import Config, ListenerConfig
+from mailward.config import Config, ListenerConfig, ListenerKind
 from mailward.queue import Envelope, Queue, QueueError, Recipient, TlsFacts, Transaction
 from mailward.smtp import codes
 from mailward.smtp.address import AddressError, domain_to_ascii
@@ -203,6 +211,154 @@ class _InboundStream(SmtpStream):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._listener.admit(self)
+
+
+# --- the local submission socket ------------------------------------------------------------------
+
+LOCAL_KIND = "local"
+LOCAL_SOCKET_NAME = "mailward.sock"
+LOCAL_SOCKET_MODE = 0o660
+_SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes with the terminating NUL
+
+
+def local_socket_path(state_dir: Path) -> Path:
+    return state_dir / LOCAL_SOCKET_NAME
+
+
+class LocalSocketError(Exception):
+    """The local socket cannot be set up; one sentence saying what and how to fix it."""
+
+
+def _local_listener_config(config: Config) -> ListenerConfig:
+    # Not a configurable kind (every server has the socket), so its limits are fixed here; size and
+    # recipient limits follow the most generous listener so local mail is never refused for them.
+    return ListenerConfig(
+        kind=cast(ListenerKind, LOCAL_KIND),
+        address="",
+        port=0,
+        max_connections=100,
+        max_connections_per_ip=100,  # every local session has the same peer, "local"
+        command_timeout=300.0,
+        data_timeout=600.0,
+        handshake_timeout=30.0,
+        max_message_size=max((lc.max_message_size for lc in config.listeners), default=50 * 1024 * 1024),
+        max_recipients=max((lc.max_recipients for lc in config.listeners), default=1000),
+        bare_line_endings="reject",
+        name=LOCAL_KIND,
+    )
+
+
+class LocalListener(Listener):
+    """SMTP on a unix socket for programs on this host (`mailward sendmail`), like Postfix's pickup.
+
+    The socket's mode (0660: mailward's user and group) decides who may connect, so a session here
+    is trusted: no TLS (nothing leaves the host), no AUTH, any sender, relay allowed. Envelopes
+    record listener "local" and client_ip "local"; the Received: header names the submitting uid.
+    """
+
+    def __init__(self, path: Path, services: InboundServices) -> None:
+        super().__init__(_local_listener_config(services.config), services)
+        self.options = server_options(services.config, self.config, has_tls=False)
+        self.path = path
+        self._bound: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file we made
+
+    async def start(self) -> None:
+        if len(os.fsencode(self.path)) > _SUN_PATH_MAX:
+            raise LocalSocketError(
+                f"the local submission socket path {self.path} is longer than the {_SUN_PATH_MAX} bytes "
+                "a unix socket path may have; choose a shorter state_dir.")
+        await self._clear_stale()
+        # Bound under a private name, given its mode, listening, and only then renamed into place:
+        # the public path never shows a socket with the umask's mode or one that refuses connections.
+        # The name is shorter than the final one, so it fits wherever that fits.
+        tmp = self.path.with_name(f".mw{os.getpid()}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            tmp.unlink(missing_ok=True)
+            sock.bind(str(tmp))
+            os.chmod(tmp, LOCAL_SOCKET_MODE)
+            sock.listen(128)
+            os.replace(tmp, self.path)
+            st = os.stat(self.path)
+        except OSError as exc:
+            sock.close()
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise LocalSocketError(self._failure(exc)) from None
+        self._bound = (st.st_dev, st.st_ino)
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_unix_server(lambda: _LocalStream(self), sock=sock, backlog=128)
+
+    async def _clear_stale(self) -> None:
+        """Remove the socket of a server that died; refuse to replace a live one or a non-socket."""
+        try:
+            mode = os.lstat(self.path).st_mode
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise LocalSocketError(self._failure(exc)) from None
+        if not stat.S_ISSOCK(mode):
+            raise LocalSocketError(f"{self.path} exists and is not a socket; mailward needs that path for "
+                                   "its local submission socket, so move the file away.")
+        try:
+            async with asyncio.timeout(5):
+                _, writer = await asyncio.open_unix_connection(str(self.path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            self.path.unlink(missing_ok=True)  # nobody listens: a leftover of a crash
+            return
+        except (OSError, TimeoutError) as exc:
+            raise LocalSocketError(self._failure(exc)) from None
+        writer.close()
+        raise LocalSocketError(f"another mailward is already listening on {self.path}; stop it first or "
+                               "give this one another state_dir.")
+
+    def _failure(self, exc: Exception) -> str:
+        why = (exc.strerror if isinstance(exc, OSError) else None) or str(exc) or "timeout"
+        hint = (f"let the mailward user write to {self.path.parent}" if isinstance(exc, PermissionError)
+                else "check state_dir")
+        return f"the local submission socket {self.path} cannot be set up ({why}); {hint}."
+
+    def stop_accepting(self) -> None:
+        super().stop_accepting()
+        # Gone at once, so `mailward sendmail` reports "not running" (a temporary failure its caller
+        # retries); only our own file is removed, never one a successor put there.
+        if self._bound is not None:
+            with contextlib.suppress(OSError):
+                st = os.stat(self.path)
+                if (st.st_dev, st.st_ino) == self._bound:
+                    self.path.unlink()
+            self._bound = None
+
+    def admit(self, stream: SmtpStream) -> bool:
+        if isinstance(stream, _LocalStream):
+            log.info("%s: connection from uid %s", self.name, stream.peer_uid)
+        return super().admit(stream)
+
+
+def _peer_uid(sock: Any) -> int | None:
+    """The uid of the process at the other end of a unix socket (Linux SO_PEERCRED)."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if sock is None or option is None:
+        return None
+    size = struct.calcsize("3i")
+    try:
+        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, option, size))
+    except (OSError, struct.error):
+        return None
+    return int(uid)
+
+
+class _LocalStream(_InboundStream):
+    """A connection on the local socket: its peer is "local", and its uid is known to the kernel."""
+
+    def __init__(self, listener: Listener) -> None:
+        super().__init__(listener)
+        self.peer = ("local", 0)
+        self.peer_uid: int | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.peer_uid = _peer_uid(transport.get_extra_info("socket"))
+        super().connection_made(transport)
 
 
 @dataclass(slots=True)
@@ -475,8 +631,13 @@ class Session:
         if authenticated:
             proto += "A"
         ip = self.client_ip
-        literal = f"IPv6:{ip}" if ":" in ip else ip
-        lines = [f"Received: from {_trace_name(engine.helo)} ([{literal}])"]
+        if isinstance(self.stream, _LocalStream):
+            # No network peer to record; like sendmail's and Postfix's local submissions, name the user.
+            uid = self.stream.peer_uid
+            lines = [f"Received: (from {'a local user' if uid is None else f'userid {uid}'})"]
+        else:
+            literal = f"IPv6:{ip}" if ":" in ip else ip
+            lines = [f"Received: from {_trace_name(engine.helo)} ([{literal}])"]
         if tls is not None:
             lines.append(f"\t(using {tls.version} with cipher {tls.cipher} ({tls.bits}/{tls.bits} bits))")
         lines.append(f"\tby {cfg.hostname} (mailward {__version__}) with {proto} id {msg.txn.id}")

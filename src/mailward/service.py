@@ -15,7 +15,8 @@ from pathlib import Path
 from mailward import __version__
 from mailward.auth import AuthThrottle, UserStore, UserStoreError
 from mailward.config import Config, ConfigError, check_files, demo_config
-from mailward.inbound import InboundServices, Listener
+from mailward.delivery import Deliverer, build_deliverer
+from mailward.inbound import InboundServices, Listener, LocalListener, LocalSocketError, local_socket_path
 from mailward.queue import QueueError
 from mailward.queue.sqlite import SqliteQueue
 from mailward.tls import CertificateError, CertPair, ServerTls, demo_ca_path, make_demo_certificate
@@ -88,6 +89,8 @@ class Service:
         self.listeners: list[Listener] = []
         self.tls: ServerTls | None = None
         self.queue: SqliteQueue | None = None
+        self.deliverer: Deliverer | None = None
+        self.delivery_task: asyncio.Task[None] | None = None
         self.stopping = asyncio.Event()
 
     async def start(self) -> None:
@@ -113,6 +116,11 @@ class Service:
             raise StartupError(
                 f"the queue at {cfg.queue.path} cannot be opened ({exc}); check that the directory "
                 "exists and is writable by mailward.") from None
+        try:
+            self.deliverer = build_deliverer(cfg, self.queue)
+        except ConfigError as exc:
+            await self.stop()
+            raise StartupError(str(exc)) from None
         throttle = AuthThrottle(ip_limit=cfg.auth.max_failures_per_ip,
                                 user_limit=cfg.auth.max_failures_per_user,
                                 lockout=float(cfg.auth.lockout_seconds))
@@ -131,6 +139,16 @@ class Service:
                     f"{hint}.") from None
             self.listeners.append(listener)
             log.info("listening: %s on %s:%d", lc.kind, lc.address, lc.port)
+        # Always present, never configured: local programs submit through it (mailward sendmail).
+        local = LocalListener(local_socket_path(cfg.state_dir), services)
+        try:
+            await local.start()
+        except LocalSocketError as exc:
+            await self.stop()
+            raise StartupError(str(exc)) from None
+        self.listeners.append(local)
+        log.info("listening: local on %s", local.path)
+        self.delivery_task = asyncio.get_running_loop().create_task(self.deliverer.run())
 
     def reload(self) -> None:
         """SIGHUP: new certificates for new connections; open ones keep theirs."""
@@ -147,6 +165,12 @@ class Service:
             listener.stop_accepting()
         await asyncio.gather(*(lst.drain(DRAIN_SECONDS) for lst in self.listeners))
         self.listeners.clear()
+        if self.deliverer is not None:
+            # Attempts in flight finish (bounded) and leases are released before the queue closes.
+            await self.deliverer.stop()
+            if self.delivery_task is not None:
+                await self.delivery_task
+            self.deliverer = self.delivery_task = None
         if self.queue is not None:
             await self.queue.close()
             self.queue = None

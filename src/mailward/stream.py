@@ -54,9 +54,10 @@ class SmtpStream(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
-        if peer:
+        # AF_UNIX addresses are path strings (or ""), not (host, port): those keep the defaults.
+        if isinstance(peer, tuple):
             self.peer = (str(peer[0]), int(peer[1]))
-        if local:
+        if isinstance(local, tuple):
             self.local = (str(local[0]), int(local[1]))
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):

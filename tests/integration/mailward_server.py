@@ -39,6 +39,9 @@ class MailwardServer:
     # Extra `key = value` lines for the [[listener]] table of one kind ("mx", "submission", ...).
     listener_toml: dict[str, str] = field(default_factory=dict)
     log_level: str = "debug"
+    # Off by default so tests of what was accepted see it still queued; delivery tests turn it on
+    # (and may then write their own [delivery] table in extra_toml).
+    deliver: bool = False
     _log_offset: int = 0
 
     @property
@@ -103,7 +106,7 @@ key = "{self.key}"
 
 [log]
 level = "{self.log_level}"
-"""
+{"" if self.deliver else "[delivery]" + chr(10) + "enabled = false" + chr(10)}"""
 
     def write_config(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import re
 import tomllib
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,19 @@ import pytest
 
 from mailward import config as config_module
 from mailward.config import (
+    AliasConfig,
     AuthConfig,
     CertificateConfig,
     Config,
     ConfigError,
+    DeliveryConfig,
+    DnsConfig,
     ListenerConfig,
+    LocalConfig,
     LogConfig,
     QueueConfig,
+    RouteConfig,
+    SmarthostConfig,
     TlsConfig,
     check_files,
     config_from_dict,
@@ -163,6 +170,48 @@ path = "spool/queue.db"
 [log]
 level = "debug"
 format = "json"
+
+[delivery]
+enabled = false
+concurrency = 50
+per_destination = 10
+slow_start_initial = 3
+connect_timeout = 20
+command_timeout = 120
+data_timeout = 300
+retry_initial = 60
+retry_max = 3600
+max_lifetime = 86400
+delay_warning = 0
+dead_host_seconds = 120
+lease_seconds = 300
+helo_name = "out.example.net"
+port = 2525
+
+[[delivery.route]]
+domain = ".partner.example"
+next_hop = "[192.0.2.25]:2526"
+security = "verify"
+ca_file = "tls/partner-ca.pem"
+
+[delivery.smarthost]
+host = "smtp.example.org"
+tls = "starttls"
+username = "relay"
+password_file = "relay-password"
+
+[dns]
+resolvers = ["127.0.0.1", "[::1]:5353"]
+timeout = 2
+
+[local]
+maildir = "/srv/mail"
+lmtp = "unix:/run/dovecot/lmtp"
+catch_all = "postmaster"
+
+[[local.alias]]
+name = "postmaster"
+targets = ["alice", "bob@example.org"]
 """
 
 
@@ -196,6 +245,19 @@ def test_full_file_loads_every_value(tmp_path: Path, monkeypatch: pytest.MonkeyP
                         max_failures_per_user=4, lockout_seconds=60.0),
         queue=QueueConfig(url=None, path=etc / "spool/queue.db"),
         log=LogConfig(level="debug", format="json"),
+        delivery=DeliveryConfig(
+            enabled=False, concurrency=50, per_destination=10, slow_start_initial=3, connect_timeout=20.0,
+            command_timeout=120.0, data_timeout=300.0, retry_initial=60.0, retry_max=3600.0,
+            max_lifetime=86400.0, delay_warning=0.0, dead_host_seconds=120.0, lease_seconds=300.0,
+            helo_name="out.example.net", port=2525,
+            routes=(RouteConfig(domain=".partner.example", next_hop="[192.0.2.25]:2526", security="verify",
+                                ca_file=etc / "tls/partner-ca.pem"),),
+            smarthost=SmarthostConfig(host="smtp.example.org", tls="starttls", port=587, username="relay",
+                                      password_file=etc / "relay-password", ca_file=None)),
+        dns=DnsConfig(resolvers=("127.0.0.1", "[::1]:5353"), timeout=2.0),
+        local=LocalConfig(maildir=Path("/srv/mail"), lmtp="unix:/run/dovecot/lmtp",
+                          aliases=(AliasConfig(name="postmaster", targets=("alice", "bob@example.org")),),
+                          catch_all="postmaster"),
     )
 
 
@@ -304,6 +366,44 @@ ERRORS: list[tuple[dict[str, Any], str]] = [
      "unknown key 'queue.zzz' in /etc/mailward.toml; remove it (keys allowed here: url, path)."),
     ({"tls": {"certificates": [{"cert": "/c", "key": "/k", "chain": "/x"}]}},
      "unknown key 'tls.certificates[0].chain' in /etc/mailward.toml"),
+    # delivery, dns, local
+    ({**L, "delivery": {"enabled": "no"}}, "delivery.enabled must be true or false, got 'no'."),
+    ({**L, "delivery": {"per_destination": 200, "concurrency": 100}},
+     "delivery.per_destination (200) exceeds delivery.concurrency (100); lower per_destination or raise "
+     "concurrency."),
+    ({**L, "delivery": {"slow_start_initial": 30}},
+     "delivery.slow_start_initial (30) exceeds delivery.per_destination (20); lower it."),
+    ({**L, "delivery": {"retry_initial": 7200, "retry_max": 3600}},
+     "delivery.retry_initial (7200) exceeds delivery.retry_max (3600); lower retry_initial or raise "
+     "retry_max."),
+    ({**L, "delivery": {"route": {"domain": "a.example", "next_hop": "[192.0.2.1]"}}},
+     "delivery.route must be an array of tables; write [[delivery.route]] instead of [delivery.route]."),
+    ({**L, "delivery": {"route": [{"domain": "a.example", "next_hop": "[192.0.2.1]:0"}]}},
+     "delivery.route[0].next_hop must be [IP]:port, [IP], host:port, [host] or host, got '[192.0.2.1]:0'."),
+    ({**L, "delivery": {"route": [{"domain": "..a.example", "next_hop": "b.example"}]}},
+     "delivery.route[0].domain must be a domain such as example.org, or .example.org for its subdomains"),
+    ({**L, "delivery": {"route": [{"domain": "a.example", "next_hop": "b.example", "security": "dane"}]}},
+     "delivery.route[0].security must be one of 'none', 'may', 'encrypt', 'verify', got 'dane'."),
+    ({**L, "delivery": {"route": [{"domain": "a.example", "next_hop": "b.example"},
+                                  {"domain": "A.example", "next_hop": "c.example"}]}},
+     "delivery.route[1] repeats the domain 'a.example' of delivery.route[0]; keep one route per domain."),
+    ({**L, "delivery": {"smarthost": {"host": "smtp.example.org", "username": "u"}}},
+     "delivery.smarthost needs both username and password_file for AUTH, or neither; set the missing one."),
+    ({**L, "delivery": {"smarthost": {"host": "smtp.example.org:465"}}},
+     "delivery.smarthost.host must not carry a port; set delivery.smarthost.port."),
+    ({**L, "delivery": {"smarthost": {"host": "smtp.example.org", "tls": "none"}}},
+     "delivery.smarthost.tls must be one of 'implicit', 'starttls', got 'none'."),
+    ({**L, "dns": {"resolvers": ["ns.example.org"]}},
+     "dns.resolvers[0] must be an IP address, optionally with a port, such as 127.0.0.1 or [::1]:53, got "
+     "'ns.example.org'."),
+    ({**L, "local": {"lmtp": "unix:run/lmtp"}},
+     "local.lmtp: 'unix:run/lmtp' must name an absolute socket path, e.g. unix:/run/dovecot/lmtp."),
+    ({**L, "local": {"lmtp": "dovecot"}},
+     "local.lmtp must be unix:/path/to/socket or host:port, got 'dovecot'."),
+    ({**L, "local": {"alias": [{"name": "postmaster@example.org", "targets": ["a"]}]}},
+     "local.alias[0].name must be the local part of an address, such as postmaster"),
+    ({**L, "local": {"alias": [{"name": "postmaster", "targets": []}]}},
+     "local.alias[0].targets must be a non-empty array, got []."),
 ]
 
 
@@ -509,6 +609,8 @@ def declared_keys(cls: type = Config, prefix: str = "") -> list[str]:
         hint = hints[f.name]
         if typing.get_origin(hint) is typing.Annotated:
             hint = typing.get_args(hint)[0]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # an optional table
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
         item = typing.get_args(hint)[0] if typing.get_origin(hint) is tuple else hint
         if dataclasses.is_dataclass(item) and isinstance(item, type):
             keys.append(full)
@@ -533,13 +635,17 @@ def described_keys(text: str) -> list[str]:
 
 
 def test_every_schema_field_has_a_doc() -> None:
-    for cls in (Config, ListenerConfig, TlsConfig, CertificateConfig, AuthConfig, QueueConfig, LogConfig):
+    for cls in (Config, ListenerConfig, TlsConfig, CertificateConfig, AuthConfig, QueueConfig, LogConfig,
+                DeliveryConfig, RouteConfig, SmarthostConfig, DnsConfig, LocalConfig, AliasConfig):
         for f in dataclasses.fields(cls):
             assert f.metadata["mailward.setting"].doc, f"{cls.__name__}.{f.name}"
 
 
 def test_describe_lists_every_declared_key_exactly_once() -> None:
-    cfg = load({"listener": [{"kind": "submissions"}], "tls": CERTS})
+    cfg = load({"listener": [{"kind": "submissions"}], "tls": CERTS,
+                "delivery": {"route": [{"domain": "example.net", "next_hop": "[192.0.2.1]:25"}],
+                             "smarthost": {"host": "smtp.example.org"}},
+                "local": {"alias": [{"name": "postmaster", "targets": ["alice"]}]}})
     keys = described_keys(describe(cfg))
     assert sorted(keys) == sorted(declared_keys())
     assert len(keys) == len(set(keys))

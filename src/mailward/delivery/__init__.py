@@ -1,0 +1,941 @@
+"""Outbound delivery: the Deliverer leases due messages and gets every recipient to a final state.
+
+The loop (DESIGN.md "The path of one message", steps 5 to 7):
+
+1. `queue.lease()` claims due messages for this process (owner ``host:pid``); leases are renewed
+   while attempts run, so a crashed process's messages come back after `lease_seconds`.
+2. Each message's due recipients are grouped by `policy.destination_for` (local, route, smarthost
+   or the MX of their domain). Messages leased together for one destination share connections.
+3. Per destination: DNS facts (`dns.py`), one `policy.plan` decision (candidates and the TLS each
+   requires, or a refusal), then connections (`attempt.Session`) limited globally and per
+   destination with slow start. A connection-level failure moves on to the next address or MX
+   host; a host that refused or timed out is skipped for `dead_host_seconds`.
+4. When every group of a message has finished, one `record_attempt` stores all its results:
+   delivered, failed, or deferred with exponential backoff; recipients past `max_lifetime` fail
+   with 4.4.7. Failures (and a one-time delay warning, and NOTIFY=SUCCESS reports) become one
+   RFC 3464 notification, queued like any message before the results are recorded, so a crash
+   between the two repeats a notification rather than losing it.
+
+Every recipient result is logged on "mailward.delivery" in Postfix's shape, e.g.
+``0PJ2M3W9K1X7QF: to=<bob@example.org>, relay=mx.example.org[192.0.2.7]:25, delay=1.2,
+tls=TLSv1.3/TLS_AES_256_GCM_SHA384/unverified, dsn=2.0.0, status=sent (250 2.0.0 Ok)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import random
+import re
+import socket
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from mailward.config import Config, ConfigError, DeliveryConfig
+from mailward.delivery.attempt import (
+    AttemptError,
+    AttemptSettings,
+    Credentials,
+    OutboundMessage,
+    RecipientOutcome,
+    Session,
+    TlsOutcome,
+)
+from mailward.delivery.policy import (
+    Candidate,
+    Destination,
+    HostFacts,
+    Plan,
+    Refusal,
+    RouteFacts,
+    destination_for,
+    literal_facts,
+    plan,
+)
+from mailward.queue import (
+    CorruptMessage,
+    Envelope,
+    LeaseLost,
+    Queue,
+    QueueError,
+    Recipient,
+    RecipientResult,
+    RecipientState,
+    ResultStatus,
+    StoredMessage,
+)
+from mailward.reports.dsn import Action, RecipientReport, build_dsn, returns_whole_message, wanted
+
+__all__ = [
+    "DeadHosts",
+    "Deliverer",
+    "SlowStart",
+    "backoff",
+    "build_deliverer",
+    "due_recipients",
+    "group_by_destination",
+    "read_smarthost_credentials",
+    "settle",
+]
+
+log = logging.getLogger("mailward.delivery")
+
+INLINE_BODY = 256 * 1024  # bodies up to this size are read once and kept for every connection
+LEASE_BATCH = 200  # messages claimed per lease call
+MAX_IDLE = 60.0  # an idle loop looks at the queue at least this often
+STOP_GRACE = 20.0  # seconds stop() lets attempts in flight finish
+
+
+# --- pure parts -------------------------------------------------------------------------------------
+
+
+def backoff(attempts: int, initial: float, maximum: float, jitter: float = 0.0) -> float:
+    """Seconds until the next try after `attempts` attempts: initial * 2**(attempts-1), at most
+    `maximum`, made up to 10% shorter by `jitter` in [0, 1) so deferred batches spread out."""
+    exponent = max(0, attempts - 1)
+    delay = maximum if exponent >= 64 else min(initial * 2.0**exponent, maximum)
+    return delay * (1.0 - 0.1 * jitter)
+
+
+class SlowStart:
+    """Connections one destination may have open: starts small, grows on success, halves on failure.
+
+    Like Postfix's destination concurrency: a destination that works gets one more connection per
+    successful connection up to `maximum`; one that fails loses half, never below one.
+    """
+
+    def __init__(self, initial: int, maximum: int) -> None:
+        self.limit = min(initial, maximum)
+        self.maximum = maximum
+        self.active = 0
+
+    @property
+    def available(self) -> bool:
+        return self.active < self.limit
+
+    def success(self) -> None:
+        self.limit = min(self.limit + 1, self.maximum)
+
+    def failure(self) -> None:
+        self.limit = max(1, self.limit // 2)
+
+
+class DeadHosts:
+    """Addresses that refused or never answered, skipped until their time is up."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._until: dict[tuple[str, int], float] = {}
+
+    def mark(self, address: str, port: int, now: float) -> None:
+        if self.seconds > 0:
+            self._until[(address, port)] = now + self.seconds
+
+    def is_dead(self, address: str, port: int, now: float) -> bool:
+        until = self._until.get((address, port))
+        if until is None:
+            return False
+        if until <= now:
+            del self._until[(address, port)]
+            return False
+        return True
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+
+def due_recipients(message: StoredMessage, now: float) -> tuple[RecipientState, ...]:
+    """Pending recipients whose time has come (others keep their own backoff)."""
+    return tuple(r for r in message.pending if r.next_attempt_at is None or r.next_attempt_at <= now)
+
+
+def group_by_destination(
+    recipients: Iterable[RecipientState], config: Config
+) -> dict[Destination, list[Recipient]]:
+    """Recipients by where they go, in first-seen order."""
+    groups: dict[Destination, list[Recipient]] = {}
+    for state in recipients:
+        address = state.recipient.address
+        domain = address.rpartition("@")[2].lower() if "@" in address else ""
+        groups.setdefault(destination_for(domain, config), []).append(state.recipient)
+    return groups
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What one recipient's attempt means for the queue and for the sender."""
+
+    result: RecipientResult
+    report: RecipientReport | None  # a DSN entry, if one is due
+    status_word: str  # for the log: sent | deferred | bounced | expired
+    enhanced: str
+
+
+def settle(
+    state: RecipientState,
+    outcome: RecipientOutcome,
+    *,
+    arrived_at: float,
+    now: float,
+    dc: DeliveryConfig,
+    jitter: float = 0.0,
+    remote_mta: str | None = None,
+) -> Settled:
+    """Turn one attempt's outcome into the stored result, and a DSN report when one is due.
+
+    Pure: backoff from the recipient's attempt count, expiry `max_lifetime` after arrival (the
+    envelope's received_at, as Postfix counts the queue lifetime), the delay
+    warning once (on the attempt that first finds the recipient older than `delay_warning`),
+    and the NOTIFY=SUCCESS report ("relayed" when the receiver does not do DSN).
+    """
+    rcpt = state.recipient
+    if outcome.status == "delivered":
+        report = None
+        # RFC 3461 §4.1: a final delivery reports "delivered"; a receiver that takes DSN duty
+        # reports itself; one that does not leaves us to say "relayed".
+        action: Action | None = (
+            "delivered" if remote_mta is None else None if outcome.remote_dsn else "relayed")
+        if "SUCCESS" in rcpt.dsn_notify and action is not None:
+            report = RecipientReport(recipient=rcpt, action=action, status=_with_class(outcome.enhanced, "2"),
+                                     diagnostic=outcome.reply, remote_mta=remote_mta, last_attempt=now)
+        return Settled(RecipientResult("delivered", outcome.reply), report, "sent", outcome.enhanced)
+    if outcome.status == "failed":
+        report = RecipientReport(recipient=rcpt, action="failed", status=_with_class(outcome.enhanced, "5"),
+                                 diagnostic=outcome.reply, remote_mta=remote_mta, last_attempt=now)
+        return Settled(RecipientResult("failed", outcome.reply), report, "bounced", outcome.enhanced)
+    expires_at = arrived_at + dc.max_lifetime
+    if now >= expires_at:
+        reply = f"4.4.7 delivery time expired; last error: {outcome.reply}"
+        report = RecipientReport(recipient=rcpt, action="failed", status="4.4.7", diagnostic=outcome.reply,
+                                 remote_mta=remote_mta, last_attempt=now)
+        return Settled(RecipientResult("failed", reply), report, "expired", "4.4.7")
+    delay = backoff(state.attempts + 1, dc.retry_initial, dc.retry_max, jitter)
+    next_at = min(now + delay, expires_at)
+    report = None
+    warn_after = arrived_at + dc.delay_warning
+    previous = state.last_attempt_at
+    if dc.delay_warning > 0 and now >= warn_after and (previous is None or previous < warn_after):
+        report = RecipientReport(recipient=rcpt, action="delayed", status=_with_class(outcome.enhanced, "4"),
+                                 diagnostic=outcome.reply, remote_mta=remote_mta, last_attempt=now,
+                                 will_retry_until=expires_at)
+    return Settled(RecipientResult("deferred", outcome.reply, next_at), report, "deferred", outcome.enhanced)
+
+
+def _with_class(enhanced: str, klass: str) -> str:
+    # A deferral may carry a 5.x.x reason (REQUIRETLS); a DSN's status class follows the action.
+    head, dot, rest = enhanced.partition(".")
+    if dot and head in "245" and re.fullmatch(r"[0-9]{1,3}\.[0-9]{1,3}", rest):
+        return f"{klass}.{rest}"
+    return f"{klass}.0.0"
+
+
+_MESSAGE_ID_RE = re.compile(rb"^message-id:[ \t]*(<[^<>\s]+>)", re.IGNORECASE | re.MULTILINE)
+
+
+def message_id_of(headers: bytes) -> str | None:
+    unfolded = re.sub(rb"\r?\n[ \t]+", b" ", headers)
+    match = _MESSAGE_ID_RE.search(unfolded)
+    return match.group(1).decode("utf-8", "replace") if match else None
+
+
+def read_smarthost_credentials(config: Config) -> Credentials | None:
+    """The smarthost AUTH credentials, read once at start-up; ConfigError says what to fix."""
+    sh = config.delivery.smarthost
+    if sh is None or sh.username is None or sh.password_file is None:
+        return None
+    try:
+        text = sh.password_file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"delivery.smarthost.password_file: {sh.password_file} cannot be read "
+                          f"({exc.strerror or exc}); create it with the password on its first line, "
+                          "readable by the mailward user.") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"delivery.smarthost.password_file: {sh.password_file} is not UTF-8 text; "
+                          "write the password as UTF-8.") from None
+    password = text.splitlines()[0] if text else ""
+    if not password:
+        raise ConfigError(f"delivery.smarthost.password_file: {sh.password_file} is empty; put the "
+                          "password on its first line.")
+    return Credentials(sh.username, password)
+
+
+def _optional_module(name: str) -> Any:
+    # dns.py and local.py are written alongside this module; until both are present the
+    # Deliverer still runs routes and the smarthost, and defers what needs the missing part.
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
+        return None
+
+
+def build_deliverer(config: Config, queue: Queue) -> Deliverer:
+    """The Deliverer the service runs: resolver, local delivery and credentials from `config`.
+
+    Raises ConfigError for what the operator must fix (an unreadable smarthost password file).
+    """
+    credentials = read_smarthost_credentials(config)
+    dns = _optional_module("mailward.delivery.dns")
+    resolver = None if dns is None else dns.DnsResolver(config.dns.resolvers, timeout=config.dns.timeout)
+    local_module = _optional_module("mailward.delivery.local")
+    local = None if local_module is None else local_module.LocalDelivery.from_config(config)
+    if resolver is None:
+        log.warning("delivery runs without DNS: MX destinations are deferred")
+    if local is None:
+        log.warning("delivery runs without local delivery: local recipients are deferred")
+    return Deliverer(config, queue, resolver, local, credentials=credentials)
+
+
+# --- collaborators ------------------------------------------------------------------------------------
+
+
+class Resolver(Protocol):
+    """What the Deliverer needs from `dns.DnsResolver`."""
+
+    async def next_hops(self, domain: str) -> Any: ...
+
+    async def addresses(self, host: str) -> Any: ...
+
+
+class LocalAgent(Protocol):
+    """What the Deliverer needs from `local.LocalDelivery`."""
+
+    async def deliver(
+        self, message: StoredMessage, body: bytes, recipients: Sequence[str]
+    ) -> Mapping[str, Any]: ...
+
+
+# --- the Deliverer ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    outcome: RecipientOutcome
+    relay: str  # host[ip]:port, "local" or "none"
+    tls: TlsOutcome
+    remote_mta: str | None = None
+
+
+@dataclass(eq=False, slots=True)
+class _Work:
+    """One leased message while its groups are being delivered."""
+
+    message: StoredMessage
+    groups_left: int = 0
+    outcomes: dict[str, _Outcome] = field(default_factory=dict)
+    body: bytes | None = None
+    eightbit: bool | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    lost: bool = False  # the lease went to someone else: report nothing
+    corrupt: bool = False  # the queue held it; report nothing
+    finished: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class _Job:
+    work: _Work
+    recipients: tuple[Recipient, ...]
+
+
+class _NoHost(Exception):
+    def __init__(self, reply: str, tls: TlsOutcome) -> None:
+        super().__init__(reply)
+        self.reply = reply
+        self.tls = tls
+
+
+class _Gate:
+    """A destination's slow-start counters with waiting."""
+
+    def __init__(self, counters: SlowStart) -> None:
+        self.counters = counters
+        self.waiting = 0
+        self.users = 0  # deliveries holding this gate; it is forgotten when none does
+        self._changed = asyncio.Event()
+
+    async def acquire(self) -> None:
+        self.waiting += 1
+        try:
+            while not self.counters.available:
+                self._changed.clear()
+                await self._changed.wait()
+        finally:
+            self.waiting -= 1
+        self.counters.active += 1
+
+    def release(self) -> None:
+        self.counters.active -= 1
+        self._changed.set()
+
+    def success(self) -> None:
+        self.counters.success()
+        self._changed.set()
+
+    def failure(self) -> None:
+        self.counters.failure()
+
+    @property
+    def idle(self) -> bool:
+        return self.users == 0
+
+
+class Deliverer:
+    """Delivers what the queue holds; `run()` until `stop()`."""
+
+    def __init__(
+        self,
+        config: Config,
+        queue: Queue,
+        resolver: Resolver | None,
+        local: LocalAgent | None,
+        clock: Callable[[], float] = time.time,
+        *,
+        rng: random.Random | None = None,
+        owner: str | None = None,
+        credentials: Credentials | None = None,
+    ) -> None:
+        self.config = config
+        self.dc = config.delivery
+        self.queue = queue
+        self.resolver = resolver
+        self.local = local
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
+        if credentials is None:
+            credentials = read_smarthost_credentials(config)
+        self.settings = AttemptSettings(
+            helo_name=self.dc.helo_name,
+            connect_timeout=self.dc.connect_timeout,
+            command_timeout=self.dc.command_timeout,
+            data_timeout=self.dc.data_timeout,
+        )
+        self.smarthost_settings = AttemptSettings(
+            helo_name=self.dc.helo_name,
+            connect_timeout=self.dc.connect_timeout,
+            command_timeout=self.dc.command_timeout,
+            data_timeout=self.dc.data_timeout,
+            credentials=credentials,
+        )
+        self.dead = DeadHosts(self.dc.dead_host_seconds)
+        self._connections = asyncio.Semaphore(self.dc.concurrency)
+        self._local_slots = asyncio.Semaphore(self.dc.per_destination)
+        self._gates: dict[str, _Gate] = {}
+        self._works: dict[str, _Work] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._running = asyncio.Event()
+        self._loop_done = asyncio.Event()
+        self._max_messages = max(LEASE_BATCH, 4 * self.dc.concurrency)
+        self.postmaster = f"postmaster@{config.hostname}"
+
+    # --- the loop ---
+
+    async def run(self) -> None:
+        if not self.dc.enabled:
+            log.warning("delivery is disabled (delivery.enabled = false): mail is queued, not delivered")
+            await self._stopping.wait()
+            return
+        self._running.set()
+        renewer = asyncio.get_running_loop().create_task(self._renew_leases())
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await self._step()
+                except Exception:
+                    # A bug here must not end delivery for the life of the process.
+                    log.exception("delivery loop error; continuing")
+                    await asyncio.sleep(1)
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+            self._running.clear()
+            self._loop_done.set()
+
+    async def _step(self) -> None:
+        capacity = self._max_messages - len(self._works)
+        leased: list[StoredMessage] = []
+        if capacity > 0:
+            try:
+                leased = await self.queue.lease(self.owner, self.clock(), min(capacity, LEASE_BATCH),
+                                                self.dc.lease_seconds)
+            except QueueError as exc:
+                log.error("cannot lease messages: %s", exc)
+                await asyncio.sleep(1)
+                return
+        if leased and self._stopping.is_set():
+            # stop() came while we were leasing: hand these back untouched.
+            for message in leased:
+                with contextlib.suppress(QueueError):
+                    await self.queue.record_attempt(message.id, self.owner, {}, self.clock())
+        elif leased:
+            self._dispatch(leased)
+        else:
+            await self._idle(capacity > 0)
+
+    async def _idle(self, may_lease: bool) -> None:
+        timeout = MAX_IDLE
+        if may_lease:
+            try:
+                due = await self.queue.next_due()
+            except QueueError:
+                due = None
+            if due is not None:
+                timeout = min(MAX_IDLE, max(0.05, due - self.clock()))
+        self._changed.clear()
+        waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._stopping.wait()),
+                                              asyncio.ensure_future(self._changed.wait())]
+        if may_lease:
+            waiters.append(asyncio.ensure_future(self.queue.wait_for_work(timeout)))
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+
+    def wake(self) -> None:
+        """Look at the queue now (its clock may have moved, or an operator asked for a flush)."""
+        self._changed.set()
+
+    async def stop(self, grace: float = STOP_GRACE) -> None:
+        """Stop leasing; let attempts in flight finish for `grace` seconds; record what is known
+        and release the rest so the next start (or another node) takes over at once."""
+        self._stopping.set()
+        if self._running.is_set():
+            await self._loop_done.wait()  # no lease can start after this
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        for work in list(self._works.values()):
+            if not work.finished:
+                await self._finish(work)
+
+    def _dispatch(self, messages: Sequence[StoredMessage]) -> None:
+        now = self.clock()
+        by_destination: dict[Destination, list[_Job]] = {}
+        finished_now: list[_Work] = []
+        for message in messages:
+            work = _Work(message)
+            self._works[message.id] = work
+            groups = group_by_destination(due_recipients(message, now), self.config)
+            work.groups_left = len(groups)
+            if not groups:
+                finished_now.append(work)
+            for destination, recipients in groups.items():
+                by_destination.setdefault(destination, []).append(_Job(work, tuple(recipients)))
+        for destination, jobs in by_destination.items():
+            self._spawn(self._deliver_group(destination, jobs))
+        for work in finished_now:
+            self._spawn(self._finish(work))
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _renew_leases(self) -> None:
+        interval = max(1.0, self.dc.lease_seconds / 3)
+        while True:
+            await asyncio.sleep(interval)
+            for work in list(self._works.values()):
+                if work.finished or work.lost:
+                    continue
+                try:
+                    await self.queue.renew(work.message.id, self.owner, self.dc.lease_seconds, self.clock())
+                except LeaseLost:
+                    log.warning("%s: lease lost while delivering; another worker has the message",
+                                work.message.id)
+                    work.lost = True
+                except QueueError as exc:
+                    log.error("%s: cannot renew the lease: %s", work.message.id, exc)
+
+    # --- one destination ---
+
+    async def _deliver_group(self, destination: Destination, jobs: list[_Job]) -> None:
+        cancelled = False
+        try:
+            if destination.kind == "local":
+                await self._deliver_local(jobs)
+            else:
+                await self._deliver_remote(destination, jobs)
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+        except Exception:
+            log.exception("delivery to %s failed unexpectedly", destination.key)
+            for job in jobs:
+                self._set_missing(job, _deferral("4.3.0 internal error in delivery"))
+        finally:
+            if not cancelled:
+                for job in jobs:
+                    job.work.groups_left -= 1
+                    if job.work.groups_left == 0:
+                        await self._finish(job.work)
+
+    def _set_missing(self, job: _Job, outcome: RecipientOutcome, relay: str = "none",
+                     tls: TlsOutcome | None = None) -> None:
+        for r in job.recipients:
+            if r.address not in job.work.outcomes:
+                job.work.outcomes[r.address] = _Outcome(outcome, relay, tls or TlsOutcome())
+
+    async def _deliver_remote(self, destination: Destination, jobs: list[_Job]) -> None:
+        facts_or_refusal = await self._route_facts(destination)
+        # REQUIRETLS messages get their own plan and their own connections: a connection chosen
+        # for opportunistic TLS must never carry them (maddy calls this pool poisoning).
+        for requiretls in (False, True):
+            subset = [j for j in jobs if j.work.message.envelope.requiretls is requiretls]
+            if not subset:
+                continue
+            if isinstance(facts_or_refusal, Refusal):
+                decision = Plan(destination, refusal=facts_or_refusal)
+            else:
+                decision = plan(destination, facts_or_refusal, requiretls=requiretls)
+            if decision.refusal is not None:
+                refusal = decision.refusal
+                status: ResultStatus = "failed" if refusal.permanent else "deferred"
+                for job in subset:
+                    self._set_missing(job, RecipientOutcome(status, refusal.reply, refusal.status))
+                continue
+            await self._connections_for(destination, decision, subset)
+
+    async def _route_facts(self, destination: Destination) -> RouteFacts | Refusal:
+        hop = destination.next_hop
+        if hop is not None and hop.literal:
+            return literal_facts(destination)
+        dns = _optional_module("mailward.delivery.dns")
+        if self.resolver is None or dns is None:
+            return Refusal(False, "4.4.3", "no DNS resolver configured")
+
+        name = destination.lookup_name
+        try:
+            if destination.uses_mx:
+                return facts_from_next_hops(await self.resolver.next_hops(name))
+            addresses = await self.resolver.addresses(name)
+        except dns.DnsPermanentError as exc:
+            if destination.kind == "mx":
+                return Refusal(True, "5.1.2", f"domain {name} not found: {exc}")
+            return Refusal(False, "4.4.4", f"next hop {name} of {destination.key} not found: {exc}")
+        except dns.DnsTemporaryError as exc:
+            return Refusal(False, "4.4.3", f"DNS lookup for {name} failed: {exc}")
+        return RouteFacts(hosts=(facts_from_addresses(name, addresses),))
+
+    def _gate(self, key: str) -> _Gate:
+        gate = self._gates.get(key)
+        if gate is None:
+            gate = self._gates[key] = _Gate(SlowStart(self.dc.slow_start_initial, self.dc.per_destination))
+        return gate
+
+    async def _connections_for(self, destination: Destination, decision: Plan, jobs: list[_Job]) -> None:
+        pending = deque(jobs)
+        gate = self._gate(destination.key)
+        gate.users += 1
+        settings = self.smarthost_settings if destination.authenticate else self.settings
+
+        async def connection() -> None:
+            while pending:
+                await gate.acquire()
+                try:
+                    if not pending:
+                        return
+                    async with self._connections:
+                        if not pending:
+                            return
+                        try:
+                            session = await self._connect(decision, settings)
+                        except _NoHost as exc:
+                            gate.failure()
+                            while pending:
+                                job = pending.popleft()
+                                self._set_missing(job, _deferral(exc.reply), "none", exc.tls)
+                            return
+                        gate.success()
+                        try:
+                            await self._send_over(session, pending)
+                        finally:
+                            await session.close()
+                finally:
+                    gate.release()
+
+        try:
+            await asyncio.gather(*(connection() for _ in range(min(len(jobs), self.dc.per_destination))))
+        finally:
+            gate.users -= 1
+            if gate.idle:
+                self._gates.pop(destination.key, None)
+
+    async def _connect(self, decision: Plan, settings: AttemptSettings) -> Session:
+        last: AttemptError | None = None
+        skipped: list[Candidate] = []
+        for candidate in decision.candidates:
+            if self.dead.is_dead(candidate.address, candidate.port, self.clock()):
+                skipped.append(candidate)
+                continue
+            try:
+                return await Session.open(candidate, settings)
+            except AttemptError as exc:
+                error = exc
+            log.info("%s: %s", decision.destination.key, error.reply)
+            if error.dead:
+                self.dead.mark(candidate.address, candidate.port, self.clock())
+            if error.retry_plaintext:
+                try:
+                    return await Session.open(candidate, settings, plaintext=True)
+                except AttemptError as exc:
+                    log.info("%s: %s", decision.destination.key, exc.reply)
+                    error = exc
+                    if exc.dead:
+                        self.dead.mark(candidate.address, candidate.port, self.clock())
+            last = error
+        if last is not None:
+            raise _NoHost(last.reply, last.tls)
+        names = ", ".join(c.relay for c in skipped)
+        raise _NoHost(f"4.4.1 all mail hosts were unreachable recently, not retried yet: {names}",
+                      TlsOutcome())
+
+    async def _send_over(self, session: Session, pending: deque[_Job]) -> None:
+        relay = session.candidate.relay
+        while pending and session.usable:
+            job = pending.popleft()
+            if session.messages and not await session.reset():
+                pending.appendleft(job)
+                return
+            try:
+                out = await self._outbound(job)
+                outcomes = await session.send(out)
+            except CorruptMessage as exc:
+                log.error("%s: not delivered: %s", job.work.message.id, exc)
+                job.work.corrupt = True
+                continue
+            for address, outcome in outcomes.items():
+                job.work.outcomes[address] = _Outcome(outcome, relay, session.tls, session.candidate.host)
+            if not session.usable:
+                return
+
+    async def _outbound(self, job: _Job) -> OutboundMessage:
+        work = job.work
+        message = work.message
+        async with work.lock:
+            if work.eightbit is None:
+                # BODY=8BITMIME follows the content, not the client's claim: a client may send
+                # 8-bit data without it, and 7-bit content declared 8BITMIME can still go to a
+                # server without 8BITMIME.
+                if message.size <= INLINE_BODY:
+                    work.body = b"".join([chunk async for chunk in await self.queue.open_body(message.id)])
+                    work.eightbit = not work.body.isascii()
+                else:
+                    work.eightbit = False
+                    async for chunk in await self.queue.open_body(message.id):
+                        if not chunk.isascii():
+                            work.eightbit = True
+                            break
+        if work.body is not None:
+            return OutboundMessage(message, job.recipients, work.body, work.eightbit)
+
+        async def stream() -> AsyncIterator[bytes]:
+            async for chunk in await self.queue.open_body(message.id):
+                yield chunk
+
+        return OutboundMessage(message, job.recipients, stream, work.eightbit)
+
+    # --- local ---
+
+    async def _deliver_local(self, jobs: list[_Job]) -> None:
+        if self.local is None:
+            for job in jobs:
+                self._set_missing(job, _deferral("4.3.0 local delivery is not available"), "local")
+            return
+        for job in jobs:
+            async with self._local_slots:
+                try:
+                    out = await self._outbound(job)
+                    body = out.body if isinstance(out.body, bytes) else b"".join(
+                        [chunk async for chunk in out.body()])
+                except CorruptMessage as exc:
+                    log.error("%s: not delivered: %s", job.work.message.id, exc)
+                    job.work.corrupt = True
+                    continue
+                addresses = [r.address for r in job.recipients]
+                results = await self.local.deliver(job.work.message, body, addresses)
+                for r in job.recipients:
+                    job.work.outcomes[r.address] = _Outcome(_local_outcome(results.get(r.address)), "local",
+                                                            TlsOutcome())
+
+    # --- results ---
+
+    async def _finish(self, work: _Work) -> None:
+        """Record a message's results once. If this is cancelled (stop() ran out of patience),
+        the work stays listed and stop() records it again: a repeated notification is better
+        than a lease left to expire."""
+        if work.finished:
+            return
+        try:
+            await self._record(work)
+        except Exception:
+            log.exception("%s: recording the results failed; the message will be retried", work.message.id)
+        work.finished = True
+        self._works.pop(work.message.id, None)
+        self._changed.set()
+
+    async def _record(self, work: _Work) -> None:
+        message = work.message
+        if work.lost or work.corrupt:
+            return
+        now = self.clock()
+        states = {s.recipient.address: s for s in message.recipients}
+        settled: dict[str, tuple[Settled, _Outcome]] = {}
+        for address, o in work.outcomes.items():
+            state = states.get(address)
+            if state is None or state.is_final:
+                continue
+            settled[address] = (settle(state, o.outcome, arrived_at=message.envelope.received_at,
+                                       now=now, dc=self.dc, jitter=self.rng.random(),
+                                       remote_mta=o.remote_mta), o)
+        reports = [s.report for s, _ in settled.values() if s.report is not None]
+        if reports and not await self._notify(message, reports, now):
+            # Without its bounce a failure must not be final: retry it, and the bounce, later.
+            for address, (s, o) in list(settled.items()):
+                if s.result.status == "failed":
+                    retry = RecipientResult("deferred", s.result.reply, now + self.dc.retry_initial)
+                    settled[address] = (Settled(retry, None, "deferred", s.enhanced), o)
+        results = {address: s.result for address, (s, _) in settled.items()}
+        try:
+            await self.queue.record_attempt(message.id, self.owner, results, now)
+        except LeaseLost:
+            log.warning("%s: lease lost before the results were recorded; another worker retries it",
+                        message.id)
+            return
+        except CorruptMessage as exc:
+            log.error("%s: %s", message.id, exc)
+            return
+        except QueueError as exc:
+            log.error("%s: results not recorded, the message will be retried: %s", message.id, exc)
+            return
+        for address, (s, o) in settled.items():
+            log.info("%s: to=<%s>, relay=%s, delay=%.1f, tls=%s, dsn=%s, status=%s (%s)",
+                     message.id, address, o.relay, max(0.0, now - message.envelope.received_at),
+                     o.tls.summary(), s.enhanced, s.status_word, s.result.reply)
+
+    async def _notify(self, message: StoredMessage, reports: list[RecipientReport], now: float) -> bool:
+        """Queue the notification for `reports`; False only if one was due and could not be queued."""
+        env = message.envelope
+        if env.sender == "" or not any(wanted(r.recipient.dsn_notify, r.action) for r in reports):
+            return True
+        try:
+            full = returns_whole_message(env) and any(r.action == "failed" for r in reports)
+            original = await self._original(message, whole=full)
+            dsn = build_dsn(envelope=env, message_id_of_original=message_id_of(original), reports=reports,
+                            original=original, reporting_mta=self.config.hostname, postmaster=self.postmaster,
+                            now=now, queue_id=message.id)
+            if dsn is None:
+                return True
+            envelope = Envelope(sender="", client_ip="127.0.0.1", client_helo=self.config.hostname,
+                                listener="bounce", received_at=now, smtputf8=dsn.smtputf8,
+                                body_type=dsn.body_type, requiretls=dsn.requiretls)
+            async with await self.queue.begin(envelope) as txn:
+                await txn.add_rcpt(Recipient(dsn.recipient))
+                await txn.write_body(dsn.data)
+                dsn_id = await txn.commit()
+        except (QueueError, ValueError) as exc:
+            log.error("%s: cannot queue the delivery status notification: %s", message.id, exc)
+            return False
+        log.info("%s: sender %s notification: %s", message.id, _NOTICE[dsn.kind], dsn_id)
+        return True
+
+    async def _original(self, message: StoredMessage, *, whole: bool) -> bytes:
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in await self.queue.open_body(message.id):
+            parts.append(chunk)
+            size += len(chunk)
+            if not whole and b"\r\n\r\n" in b"".join(parts[-2:]):
+                break
+            if not whole and size > INLINE_BODY:
+                break
+        data = b"".join(parts)
+        if not whole:
+            end = data.find(b"\r\n\r\n")
+            if end >= 0:
+                data = data[: end + 4]
+        return data
+
+
+_NOTICE = {"failure": "non-delivery", "delay": "delay", "success": "delivery status"}
+
+
+def _deferral(reply: str) -> RecipientOutcome:
+    status = reply.split(" ", 1)[0]
+    return RecipientOutcome("deferred", reply, status if re.fullmatch(r"[245]\.\d{1,3}\.\d{1,3}", status)
+                            else "4.0.0")
+
+
+_CLASS_CODES = {"delivered": "2.0.0", "failed": "5.0.0"}
+
+
+def _local_outcome(result: Any) -> RecipientOutcome:
+    if result is None:
+        return RecipientOutcome("deferred", "4.3.0 no result from local delivery", "4.3.0")
+    raw = str(getattr(result, "status", "deferred"))
+    status: ResultStatus = "delivered" if raw == "delivered" else "failed" if raw == "failed" else "deferred"
+    reply = str(getattr(result, "reply", "") or getattr(result, "detail", "") or raw)
+    enhanced = str(getattr(result, "enhanced", None) or _CLASS_CODES.get(status, "4.0.0"))
+    return RecipientOutcome(status, reply, enhanced, remote_dsn=False)
+
+
+# --- DNS facts ------------------------------------------------------------------------------------------
+
+
+def facts_from_next_hops(hops: Any) -> RouteFacts:
+    """Adapt `dns.NextHops` (MX-ordered hops, each with addresses and DNSSEC status) to the facts
+    `policy.plan` reads; policy stays independent of the resolver's own types."""
+    hosts = tuple(
+        HostFacts(
+            name=str(_first(hop, "host", "name", "exchange", default="")).rstrip("."),
+            addresses=_address_texts(_first(hop, "addresses", default=())),
+            preference=int(_first(hop, "preference", default=0)),
+            secure=_is_secure(hop),
+        )
+        for hop in _first(hops, "hops", "hosts", default=())
+    )
+    return RouteFacts(hosts=hosts, null_mx=bool(_first(hops, "null_mx", default=False)),
+                      mx_secure=_is_secure(hops),
+                      implicit_mx=bool(_first(hops, "implicit", "implicit_mx", default=False)))
+
+
+def facts_from_addresses(name: str, addresses: Any) -> HostFacts:
+    items = _first(addresses, "addresses", default=addresses)
+    return HostFacts(name=name, addresses=_address_texts(items), secure=_is_secure(addresses))
+
+
+def _first(obj: Any, *names: str, default: Any) -> Any:
+    for name in names:
+        value = getattr(obj, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def _address_texts(items: Iterable[Any]) -> tuple[str, ...]:
+    # Addresses may come as text or as records carrying one.
+    return tuple(str(_first(a, "address", "ip", default=a)) for a in items)
+
+
+def _is_secure(obj: Any) -> bool:
+    secure = _first(obj, "secure", "mx_secure", default=None)
+    if isinstance(secure, bool):
+        return secure
+    status = _first(obj, "dnssec", "status", default=None)
+    return str(getattr(status, "value", status)).lower() == "secure"
+

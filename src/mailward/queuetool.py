@@ -1,0 +1,492 @@
+"""`mailward queue`: what the queue holds, and the operator's hands on it (Postfix's mailq, postsuper).
+
+The tool opens the SQLite queue file itself, beside a running server: WAL lets readers and one
+writer at a time share the file between processes. It does not go through `SqliteQueue.open()`,
+which empties the spool directory of transactions being received and creates a missing database;
+from a second process that could take a spool file from under the running server, or leave a
+root-owned empty queue where the configuration pointed at the wrong file. Instead `list` and
+`show` read through a read-only connection, and `hold`, `release` and `delete` run the backend's
+own statements (`sqlite_store`) in one IMMEDIATE transaction with synchronous=FULL, as its writer
+does. When run as root, SQLite gives any -wal/-shm file it creates the database file's owner.
+
+`--json` prints a list of messages; the schema is stable (fields may be added, none removed)::
+
+    [{"id": "0T48Y5GJ0JS2NB",          # queue id
+      "size": 411,                     # body bytes as stored (our Received: header included)
+      "created_at": 1795896476.8,      # epoch seconds, when the message was committed
+      "sender": "x@example.org",       # envelope sender; "" is the null sender <>
+      "held": false,
+      "hold_reason": null,             # "operator", or what made the message corrupt
+      "recipients": [{"address": "a@example.net",
+                      "status": "deferred",  # queued | deferred | delivered | failed | held
+                      "reason": "451 4.7.1 try later",  # the last reply or our diagnosis; null before
+                      "attempts": 1,
+                      "next_attempt_at": 1795897000.0,  # epoch seconds; null once final
+                      "tls": null}]}]  # the TLS verdict of the last attempt: always null for now,
+                                       # the queue does not record it yet
+
+`queue show --json` adds to its message "envelope" (client_ip, client_helo, listener, received_at,
+auth_user, body_type, smtputf8, requiretls, dsn_ret, dsn_envid, and tls: the TLS of reception as
+{"version", "cipher", "bits"} or null) and "headers" ([name, unfolded value] pairs).
+`hold`, `release` print each message after the change, `delete` as it was before it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mailward.queue import CorruptMessage, RecipientState, StoredMessage
+from mailward.queue import sqlite_store as store
+
+BUSY_TIMEOUT = 10.0  # seconds to wait for the server's writer to finish its batch
+HEADER_LIMIT = 256 * 1024  # `show` reads at most this much of a body looking for the header end
+
+EXIT_OK = 0
+EXIT_NOT_FOUND = 1  # a named message is not in the queue, or the operation is not available
+EXIT_SETUP = 2  # no queue, unreadable queue, bad configuration: as `mailward` does for config errors
+
+
+class QueueToolError(Exception):
+    """Something the operator must fix before the queue can be read; one sentence."""
+
+
+class CorruptRecord(QueueToolError):
+    """A message whose stored record cannot be decoded; the server holds it when it reads it."""
+
+
+# --- reading and changing the queue file ---------------------------------------------------------
+
+
+class QueueFile:
+    """The SQLite queue of one node, opened from outside the server process."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @contextlib.contextmanager
+    def _connect(self, *, write: bool) -> Iterator[sqlite3.Connection]:
+        if not self.path.is_file():
+            raise QueueToolError(
+                f"there is no queue at {self.path}; check queue.path in the configuration (--config), "
+                "or start the server once to create it.")
+        # A URI so SQLite never creates the file: mode=ro for reading, rw (not rwc) for changes.
+        uri = f"{self.path.absolute().as_uri()}?mode={'rw' if write else 'ro'}"
+        try:
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=BUSY_TIMEOUT)
+        except sqlite3.Error as exc:
+            raise self._failure(exc) from None
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+            self._check_schema(conn)
+            if write:
+                conn.execute("PRAGMA synchronous = FULL")  # the change is on disk when we say so
+            else:
+                conn.execute("PRAGMA query_only = 1")
+            yield conn
+        except sqlite3.Error as exc:
+            raise self._failure(exc) from None
+        finally:
+            conn.close()
+
+    def _failure(self, exc: sqlite3.Error) -> QueueToolError:
+        return QueueToolError(f"the queue at {self.path} cannot be used ({exc}); check that this user "
+                              "may read (and for changes, write) it and its directory.")
+
+    def _check_schema(self, conn: sqlite3.Connection) -> None:
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        except sqlite3.DatabaseError:
+            row = None
+        if row is None:
+            raise QueueToolError(f"{self.path} is not a mailward queue; check queue.path in the "
+                                 "configuration.")
+        if row[0] != str(store.SCHEMA_VERSION):
+            raise QueueToolError(f"{self.path} has queue schema {row[0]}; this mailward reads schema "
+                                 f"{store.SCHEMA_VERSION}, so use the mailward that wrote it.")
+
+    def messages(self) -> tuple[list[StoredMessage], list[CorruptMessage]]:
+        """Every message in id (arrival) order, read in one snapshot, and the undecodable ones."""
+        with self._connect(write=False) as conn:
+            found = store.read_messages(conn, "1 ORDER BY id", ())
+        good = [m for m in found if isinstance(m, StoredMessage)]
+        bad = [m for m in found if isinstance(m, CorruptMessage)]
+        return good, bad
+
+    def get(self, id: str) -> StoredMessage | None:
+        with self._connect(write=False) as conn:
+            found = store.read_messages(conn, "id = ?", (id,))
+        if not found:
+            return None
+        message = found[0]
+        if isinstance(message, CorruptMessage):
+            raise CorruptRecord(f"{message}; the server holds it the next time it reads it.")
+        return message
+
+    def header_block(self, id: str) -> bytes:
+        """The stored body up to the blank line that ends the header (at most HEADER_LIMIT bytes)."""
+        data = b""
+        seq = 0
+        with self._connect(write=False) as conn:
+            while len(data) < HEADER_LIMIT:
+                chunk = store.body_chunk(conn, id, seq)
+                if chunk is None:
+                    break
+                data += chunk
+                seq += 1
+                if data.startswith(b"\r\n"):
+                    return b""
+                end = data.find(b"\r\n\r\n")
+                if end >= 0:
+                    return data[: end + 2]
+        return data[:HEADER_LIMIT]
+
+    def _change(self, fn: Callable[[sqlite3.Connection, str], bool], id: str) -> bool:
+        with self._connect(write=True) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                changed = fn(conn, id)
+                conn.execute("COMMIT")
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+        return changed
+
+    def hold(self, id: str) -> bool:
+        return self._change(lambda conn, i: store.hold(conn, id=i), id)
+
+    def release(self, id: str) -> bool:
+        return self._change(lambda conn, i: store.release(conn, id=i), id)
+
+    def delete(self, id: str) -> bool:
+        return self._change(lambda conn, i: store.delete(conn, id=i), id)
+
+
+# --- JSON ---------------------------------------------------------------------------------------
+
+
+def recipient_json(state: RecipientState) -> dict[str, Any]:
+    return {
+        "address": state.recipient.address,
+        "status": state.status,
+        "reason": state.last_reply,
+        "attempts": state.attempts,
+        "next_attempt_at": None if state.is_final else state.next_attempt_at,
+        "tls": None,  # not recorded by the queue yet; see the module docstring
+    }
+
+
+def message_json(message: StoredMessage) -> dict[str, Any]:
+    return {
+        "id": message.id,
+        "size": message.size,
+        "created_at": message.created_at,
+        "sender": message.envelope.sender,
+        "held": message.held,
+        "hold_reason": message.hold_reason,
+        "recipients": [recipient_json(r) for r in message.recipients],
+    }
+
+
+def detail_json(message: StoredMessage, headers: bytes) -> dict[str, Any]:
+    env = message.envelope
+    out = message_json(message)
+    out["envelope"] = {
+        "client_ip": env.client_ip,
+        "client_helo": env.client_helo,
+        "listener": env.listener,
+        "received_at": env.received_at,
+        "auth_user": env.auth_user,
+        "body_type": env.body_type,
+        "smtputf8": env.smtputf8,
+        "requiretls": env.requiretls,
+        "dsn_ret": env.dsn_ret,
+        "dsn_envid": env.dsn_envid,
+        "tls": None if env.tls is None
+        else {"version": env.tls.version, "cipher": env.tls.cipher, "bits": env.tls.bits},
+    }
+    out["headers"] = [[name, value] for name, value in parse_headers(headers)]
+    return out
+
+
+def parse_headers(block: bytes) -> list[tuple[str, str]]:
+    """(name, unfolded value) pairs of a header block; undecodable bytes become U+FFFD."""
+    fields: list[tuple[str, str]] = []
+    for line in block.decode("utf-8", errors="replace").split("\r\n"):
+        if not line:
+            continue
+        if line[0] in " \t" and fields:
+            name, value = fields[-1]
+            fields[-1] = (name, value + line)  # RFC 5322 §2.2.3: unfolding removes only the CRLF
+            continue
+        name, sep, value = line.partition(":")
+        fields.append((name, value.lstrip(" \t")) if sep else ("", line))
+    return fields
+
+
+# --- human output -------------------------------------------------------------------------------
+
+# Control characters, and the bidirectional overrides that reorder what a terminal shows: a remote
+# reply or a Subject must not be able to rewrite the operator's screen or disguise itself.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}",
+                            text)
+
+
+def format_age(seconds: float) -> str:
+    """An age in its two largest units, as operators read them in Postfix tools: "3h 12m", "45s"."""
+    s = max(0, int(seconds))
+    days, rest = divmod(s, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h" if hours else f"{days}d"
+    if hours:
+        return f"{hours}h {minutes}m" if minutes else f"{hours}h"
+    if minutes:
+        return f"{minutes}m {secs}s" if secs else f"{minutes}m"
+    return f"{secs}s"
+
+
+def _next_try(state: RecipientState, now: float) -> str:
+    if state.is_final or state.status == "held" or state.next_attempt_at is None:
+        return "-"
+    if state.next_attempt_at <= now:
+        return "now"
+    return "in " + format_age(state.next_attempt_at - now + 0.999)  # round up: "in 0s" would mislead
+
+
+def _sender(message: StoredMessage) -> str:
+    return printable(message.envelope.sender) or "<>"
+
+
+def _table(rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset()) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]) for i, cell in enumerate(row)]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def _active(message: StoredMessage, now: float) -> bool:
+    return message.lease_expires_at is not None and message.lease_expires_at > now
+
+
+def format_list(messages: Sequence[StoredMessage], now: float) -> str:
+    """The `mailq` view: one row per recipient; "*" marks a message in delivery, "!" a held one."""
+    if not messages:
+        return "Mail queue is empty\n"
+    rows: list[list[str]] = [["ID", "SIZE", "AGE", "SENDER", "RECIPIENT", "STATUS", "NEXT TRY", "LAST REPLY"]]
+    for m in messages:
+        mark = "!" if m.held else "*" if _active(m, now) else ""
+        message_cells = [m.id + mark, str(m.size), format_age(now - m.created_at), _sender(m)]
+        for i, r in enumerate(m.recipients):
+            head = message_cells if i == 0 else [""] * len(message_cells)
+            rows.append([*head, printable(r.recipient.address), r.status, _next_try(r, now),
+                         printable(r.last_reply or "")])
+    recipients = sum(len(m.recipients) for m in messages)
+    oldest = min(m.created_at for m in messages)
+    lines = _table(rows, right=frozenset({1}))
+    lines.append(f"{_plural(len(messages), 'message')}, {_plural(recipients, 'recipient')}, "
+                 f"oldest {format_age(now - oldest)}")
+    return "\n".join(lines) + "\n"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _when(epoch: float, now: float) -> str:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(epoch))
+    return f"{stamp} ({format_age(now - epoch)} ago)"
+
+
+def format_show(message: StoredMessage, headers: bytes, now: float) -> str:
+    env = message.envelope
+    if message.held:
+        state = f"on hold ({printable(message.hold_reason or 'operator')})"
+    elif _active(message, now):
+        state = f"in delivery by {printable(message.lease_owner or '?')}"
+    else:
+        state = "waiting"
+    helo = printable(env.client_helo) or "-"
+    origin = f"{printable(env.client_ip)} (EHLO {helo}) on listener {env.listener}"
+    if env.auth_user:
+        origin += f", logged in as {printable(env.auth_user)}"
+    tls = "none" if env.tls is None else f"{env.tls.version}, {env.tls.cipher}, {env.tls.bits} bits"
+    options = [f"BODY={env.body_type}"]
+    if env.smtputf8:
+        options.append("SMTPUTF8")
+    if env.requiretls:
+        options.append("REQUIRETLS")
+    if env.dsn_ret:
+        options.append(f"RET={env.dsn_ret}")
+    if env.dsn_envid:
+        options.append(f"ENVID={printable(env.dsn_envid)}")
+    fields = [
+        ("Queue ID", message.id),
+        ("Size", f"{message.size} bytes"),
+        ("Arrived", _when(message.created_at, now)),
+        ("Sender", f"<{printable(env.sender)}>"),
+        ("State", state),
+        ("Received from", origin),
+        ("TLS", tls),
+        ("Options", " ".join(options)),
+    ]
+    lines = [f"{name + ':':<15}{value}" for name, value in fields]
+    lines += ["", "Recipients:"]
+    rows = [["ADDRESS", "STATUS", "ATTEMPTS", "NEXT TRY", "REASON"]]
+    for r in message.recipients:
+        rows.append([printable(r.recipient.address), r.status, str(r.attempts), _next_try(r, now),
+                     printable(r.last_reply or "-")])
+    lines += ["  " + line for line in _table(rows, right=frozenset({2}))]
+    lines += ["", "Headers:"]
+    text = headers.decode("utf-8", errors="replace")
+    lines += ["  " + printable(line.replace("\t", "        ")) for line in text.split("\r\n") if line]
+    return "\n".join(lines) + "\n"
+
+
+# --- the commands -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Output:
+    json: bool
+
+    def emit(self, payload: list[dict[str, Any]], text: str) -> None:
+        if self.json:
+            sys.stdout.write(json.dumps(payload, ensure_ascii=False, indent=2) + "\n")
+        elif text:
+            sys.stdout.write(text)
+
+
+def _warn(text: str) -> None:
+    print(f"mailward: {text}", file=sys.stderr)
+
+
+def _ids(raw: Sequence[str]) -> list[str]:
+    # Queue ids are upper-case Crockford base32; accept them as typed in lower case too.
+    return [i.strip().upper() for i in raw]
+
+
+def cmd_list(queue: QueueFile, out: _Output, now: float) -> int:
+    messages, corrupt = queue.messages()
+    for bad in corrupt:
+        _warn(f"{bad}; the server holds it the next time it reads it.")
+    out.emit([message_json(m) for m in messages], format_list(messages, now))
+    return EXIT_OK
+
+
+def cmd_show(queue: QueueFile, out: _Output, now: float, ids: Sequence[str]) -> int:
+    status = EXIT_OK
+    payload: list[dict[str, Any]] = []
+    texts = []
+    for id in _ids(ids):
+        try:
+            message = queue.get(id)
+        except CorruptRecord as exc:
+            _warn(str(exc))
+            status = EXIT_NOT_FOUND
+            continue
+        if message is None:
+            _warn(f"message {id} is not in the queue (delivered, bounced or deleted).")
+            status = EXIT_NOT_FOUND
+            continue
+        headers = queue.header_block(id)
+        payload.append(detail_json(message, headers))
+        texts.append(format_show(message, headers, now))
+    out.emit(payload, "\n".join(texts))
+    return status
+
+
+def cmd_change(queue: QueueFile, out: _Output, action: str, ids: Sequence[str]) -> int:
+    op = {"hold": queue.hold, "release": queue.release, "delete": queue.delete}[action]
+    done = {"hold": "held", "release": "released", "delete": "deleted"}[action]
+    status = EXIT_OK
+    payload: list[dict[str, Any]] = []
+    lines = []
+    for id in _ids(ids):
+        # A corrupt record can still be held, released or deleted; it just has no JSON form.
+        before = None
+        with contextlib.suppress(CorruptRecord):
+            before = queue.get(id) if action == "delete" else None
+        if not op(id):
+            _warn(f"message {id} is not in the queue (delivered, bounced or deleted).")
+            status = EXIT_NOT_FOUND
+            continue
+        shown = None
+        with contextlib.suppress(CorruptRecord):
+            shown = before if action == "delete" else queue.get(id)
+        if shown is not None:
+            payload.append(message_json(shown))
+        lines.append(f"{id}: {done}\n")
+    out.emit(payload, "".join(lines))
+    return status
+
+
+def cmd_retry(action: str) -> int:
+    # The queue has no operation that makes a deferred recipient due now (lease, renew and
+    # record_attempt all either need it due already or would count an attempt that never ran).
+    _warn(f"queue {action} is not available yet: the queue has no operation that makes deferred "
+          "recipients due now, so they are retried at their next try time.")
+    return EXIT_NOT_FOUND
+
+
+def run(args: argparse.Namespace, queue_path: Path, now: float | None = None) -> int:
+    """Run one `mailward queue` subcommand against the queue file at `queue_path`."""
+    out = _Output(json=bool(getattr(args, "json", False)))
+    queue = QueueFile(queue_path)
+    clock = time.time() if now is None else now
+    action: str = args.queue_command
+    try:
+        if action == "list":
+            return cmd_list(queue, out, clock)
+        if action == "show":
+            return cmd_show(queue, out, clock, args.ids)
+        if action in ("hold", "release", "delete"):
+            return cmd_change(queue, out, action, args.ids)
+        return cmd_retry(action)
+    except QueueToolError as exc:
+        _warn(str(exc))
+        return EXIT_SETUP
+
+
+def add_parser(sub: Any, common: argparse.ArgumentParser,
+               func: Callable[[argparse.Namespace], int]) -> None:
+    """Register `queue list|show|flush|retry|hold|release|delete` on the `mailward` parser."""
+    json_opt = argparse.ArgumentParser(add_help=False)
+    json_opt.add_argument("--json", action="store_true",
+                          help="print a JSON list of messages (schema: pydoc mailward.queuetool)")
+    queue = sub.add_parser(
+        "queue", help="list and manage queued mail (like mailq and postsuper)",
+        description="In `queue list` an id marked * is being delivered, ! is on hold.")
+    queue_sub = queue.add_subparsers(dest="queue_command", required=True)
+    parents = [common, json_opt]
+    p = queue_sub.add_parser("list", parents=parents, help="every message, one row per recipient")
+    p.set_defaults(func=func)
+    for name, helptext in (
+        ("show", "envelope, recipients, TLS of reception and headers of messages"),
+        ("retry", "make the deferred recipients of messages due now (not available yet)"),
+        ("hold", "stop delivering messages until released"),
+        ("release", "resume delivering held messages"),
+        ("delete", "remove messages without a bounce"),
+    ):
+        p = queue_sub.add_parser(name, parents=parents, help=helptext)
+        p.add_argument("ids", nargs="+", metavar="ID", help="queue id")
+        p.set_defaults(func=func)
+    p = queue_sub.add_parser("flush", parents=parents,
+                             help="make every deferred recipient due now (not available yet)")
+    p.set_defaults(func=func)

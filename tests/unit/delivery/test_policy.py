@@ -1,0 +1,251 @@
+"""The pure delivery policy: routing rows and plan rows (hosts, TLS requirement, refusals)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailward.config import NextHop, config_from_dict
+from mailward.delivery.policy import (
+    Destination,
+    HostFacts,
+    RouteFacts,
+    SecurityLevel,
+    StsFacts,
+    TlsaFacts,
+    TlsaRecord,
+    destination_for,
+    literal_facts,
+    plan,
+    sts_matches,
+)
+
+L = SecurityLevel
+
+
+def config(**delivery: Any) -> Any:
+    return config_from_dict({"listener": [], "hostname": "out.example.net",
+                             "local_domains": ["example.net", "localhost"], "delivery": delivery},
+                            "test", base_dir=Path("/etc"))
+
+
+ROUTES = [
+    {"domain": "partner.example", "next_hop": "[192.0.2.25]:2526", "security": "encrypt"},
+    {"domain": ".partner.example", "next_hop": "relay.partner.example:587", "security": "verify",
+     "ca_file": "/etc/partner-ca.pem"},
+    {"domain": ".deep.partner.example", "next_hop": "[2001:db8::25]"},
+    {"domain": "mx-route.example", "next_hop": "mail.elsewhere.example"},
+    {"domain": "plain.example", "next_hop": "[192.0.2.26]", "security": "none"},
+]
+
+
+# --- routing -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("domain", "key", "kind", "lookup", "port", "level", "explicit"), [
+    # local domains and the domain-less <postmaster>
+    ("example.net", "local", "local", "", 25, L.NONE, False),
+    ("", "local", "local", "", 25, L.NONE, False),
+    # an exact route wins over a suffix route
+    ("partner.example", "route:[192.0.2.25]:2526", "route", "192.0.2.25", 2526, L.ENCRYPT, True),
+    ("a.partner.example", "route:relay.partner.example:587", "route", "relay.partner.example", 587, L.VERIFY,
+     True),
+    # the longest suffix wins; an IPv6 literal keeps delivery.port
+    ("x.deep.partner.example", "route:[2001:db8::25]", "route", "2001:db8::25", 25, L.MAY, True),
+    # a bare host name in next_hop means "the MX of that host"
+    ("mx-route.example", "route:mail.elsewhere.example", "route", "mail.elsewhere.example", 25, L.MAY, False),
+    ("plain.example", "route:[192.0.2.26]", "route", "192.0.2.26", 25, L.NONE, True),
+    # everything else: MX delivery at the design default, dane
+    ("example.org", "mx:example.org", "mx", "example.org", 25, L.DANE, False),
+    ("notpartner.example", "mx:notpartner.example", "mx", "notpartner.example", 25, L.DANE, False),
+    # an address literal: that address, opportunistic TLS
+    ("[192.0.2.7]", "mx:[192.0.2.7]", "mx", "192.0.2.7", 25, L.MAY, True),
+    ("[ipv6:2001:db8::7]", "mx:[ipv6:2001:db8::7]", "mx", "2001:db8::7", 25, L.MAY, True),
+])
+def test_routing(domain: str, key: str, kind: str, lookup: str, port: int, level: SecurityLevel,
+                 explicit: bool) -> None:
+    dest = destination_for(domain, config(route=ROUTES))
+    assert (dest.key, dest.kind, dest.port, dest.level) == (key, kind, port, level)
+    if kind != "local":
+        assert dest.lookup_name == lookup
+        assert dest.uses_mx is not explicit
+
+
+def test_route_ca_file_is_carried() -> None:
+    dest = destination_for("a.partner.example", config(route=ROUTES))
+    assert dest.ca_file == Path("/etc/partner-ca.pem")
+
+
+def test_smarthost_takes_everything_not_local_or_routed() -> None:
+    cfg = config(route=ROUTES[:1], smarthost={"host": "smtp.example.org", "username": "u",
+                                              "password_file": "/etc/pw"})
+    dest = destination_for("example.org", cfg)
+    assert (dest.key, dest.kind, dest.port, dest.level) == (
+        "smarthost:smtp.example.org:465", "smarthost", 465, L.VERIFY)
+    assert dest.implicit_tls and dest.authenticate and not dest.uses_mx
+    assert destination_for("partner.example", cfg).kind == "route"
+    assert destination_for("localhost", cfg).kind == "local"
+    starttls = destination_for("example.org", config(smarthost={"host": "[192.0.2.9]", "tls": "starttls"}))
+    assert (starttls.port, starttls.implicit_tls, starttls.authenticate) == (587, False, False)
+    assert starttls.next_hop == NextHop("192.0.2.9", 587, literal=True, mx=False)
+
+
+# --- plans -------------------------------------------------------------------------------------------
+
+MX = Destination(key="mx:example.org", kind="mx", domain="example.org", port=25)
+MX1 = HostFacts("mx1.example.org", ("2001:db8::1", "192.0.2.1"), 10)
+MX2 = HostFacts("mx2.example.org", ("192.0.2.2",), 20)
+SECURE_MX1 = HostFacts("mx1.example.org", ("192.0.2.1",), 10, secure=True)
+SECURE_MX2 = HostFacts("mx2.example.org", ("192.0.2.2",), 20, secure=True)
+TWO = RouteFacts((MX1, MX2))
+EE = TlsaRecord(3, 1, 1, b"\x01" * 32)
+PKIX_EE = TlsaRecord(1, 1, 1, b"\x01" * 32)
+
+
+def at(level: SecurityLevel, **kw: Any) -> Destination:
+    return Destination(key="d", kind=kw.pop("kind", "mx"), domain="example.org", level=level, **kw)
+
+
+def summary(p: Any) -> Any:
+    if p.refusal is not None:
+        r = p.refusal
+        return ("refused", "permanent" if r.permanent else "temporary", r.status)
+    return [(c.host, c.address, c.tls.level.value, c.tls.required, c.tls.verify, c.tls.verify_name,
+             c.tls.plaintext_after_failed_handshake) for c in p.candidates]
+
+
+MAY_ROW = ("may", False, "none", None, True)
+
+
+@pytest.mark.parametrize(("name", "dest", "facts", "kw", "expected"), [
+    ("may: every address of every host, in order, plaintext fallback allowed",
+     at(L.MAY), TWO, {},
+     [("mx1.example.org", "2001:db8::1", *MAY_ROW), ("mx1.example.org", "192.0.2.1", *MAY_ROW),
+      ("mx2.example.org", "192.0.2.2", *MAY_ROW)]),
+    ("none: never STARTTLS", at(L.NONE), RouteFacts((MX2,)), {},
+     [("mx2.example.org", "192.0.2.2", "none", False, "none", None, False)]),
+    ("encrypt: TLS required, no verification, no fallback", at(L.ENCRYPT), RouteFacts((MX2,)), {},
+     [("mx2.example.org", "192.0.2.2", "encrypt", True, "none", None, False)]),
+    ("verify: PKIX against each MX host name", at(L.VERIFY), TWO, {},
+     [("mx1.example.org", "2001:db8::1", "verify", True, "pkix", "mx1.example.org", False),
+      ("mx1.example.org", "192.0.2.1", "verify", True, "pkix", "mx1.example.org", False),
+      ("mx2.example.org", "192.0.2.2", "verify", True, "pkix", "mx2.example.org", False)]),
+    ("secure: an insecure MX set gives no host", at(L.SECURE), TWO, {},
+     ("refused", "temporary", "4.7.5")),
+    ("secure: a DNSSEC-secure MX set is verified", at(L.SECURE),
+     RouteFacts((SECURE_MX2,), mx_secure=True), {},
+     [("mx2.example.org", "192.0.2.2", "secure", True, "pkix", "mx2.example.org", False)]),
+    ("secure to an explicit host needs no MX",
+     at(L.SECURE, next_hop=NextHop("relay.example", 25, False, False)),
+     RouteFacts((HostFacts("relay.example", ("192.0.2.9",)),)), {},
+     [("relay.example", "192.0.2.9", "secure", True, "pkix", "relay.example", False)]),
+    ("dane without TLSA lookups is opportunistic (RFC 7672: no secure TLSA)", at(L.DANE),
+     RouteFacts((MX2,)), {},
+     [("mx2.example.org", "192.0.2.2", *MAY_ROW)]),
+    ("dane-only without TLSA lookups refuses, temporarily", at(L.DANE_ONLY), TWO, {},
+     ("refused", "temporary", "4.7.5")),
+    ("Null MX fails at once", at(L.MAY), RouteFacts((), null_mx=True), {},
+     ("refused", "permanent", "5.1.10")),
+    ("Null MX beats any level", at(L.VERIFY), RouteFacts((), null_mx=True), {"requiretls": True},
+     ("refused", "permanent", "5.1.10")),
+    ("no hosts at all is temporary", at(L.MAY), RouteFacts(()), {}, ("refused", "temporary", "4.4.4")),
+    ("hosts without addresses are temporary", at(L.MAY), RouteFacts((HostFacts("mx.example.org", ()),)), {},
+     ("refused", "temporary", "4.4.4")),
+    ("a host without addresses is skipped, the next is used", at(L.MAY),
+     RouteFacts((HostFacts("gone.example.org", (), 5), MX2)), {},
+     [("mx2.example.org", "192.0.2.2", *MAY_ROW)]),
+    # REQUIRETLS (RFC 8689): only authenticated TLS; otherwise wait with 5.7.30 as the reason.
+    ("REQUIRETLS refuses may", at(L.MAY), TWO, {"requiretls": True}, ("refused", "temporary", "5.7.30")),
+    ("REQUIRETLS refuses encrypt", at(L.ENCRYPT), TWO, {"requiretls": True},
+     ("refused", "temporary", "5.7.30")),
+    ("REQUIRETLS refuses dane without TLSA", at(L.DANE), TWO, {"requiretls": True},
+     ("refused", "temporary", "5.7.30")),
+    ("REQUIRETLS goes over verify", at(L.VERIFY), RouteFacts((MX2,)), {"requiretls": True},
+     [("mx2.example.org", "192.0.2.2", "verify", True, "pkix", "mx2.example.org", False)]),
+    # DANE hook (RFC 7672 §2.2): secure usable TLSA -> dane; secure unusable -> encrypt; bogus -> unusable.
+    ("dane: secure usable TLSA requires DANE authentication", at(L.DANE),
+     RouteFacts((SECURE_MX1,), mx_secure=True),
+     {"tlsa": {"mx1.example.org": TlsaFacts("secure", (EE,), "mx1.example.org")}},
+     [("mx1.example.org", "192.0.2.1", "dane", True, "dane", "mx1.example.org", False)]),
+    ("dane: only PKIX usages -> TLS mandatory, unauthenticated", at(L.DANE),
+     RouteFacts((SECURE_MX1,), mx_secure=True),
+     {"tlsa": {"mx1.example.org": TlsaFacts("secure", (PKIX_EE,))}},
+     [("mx1.example.org", "192.0.2.1", "encrypt", True, "none", None, False)]),
+    ("dane: bogus TLSA makes the host unusable, the next MX is used", at(L.DANE),
+     RouteFacts((SECURE_MX1, SECURE_MX2), mx_secure=True),
+     {"tlsa": {"mx1.example.org": TlsaFacts("bogus"), "mx2.example.org": TlsaFacts("insecure")}},
+     [("mx2.example.org", "192.0.2.2", *MAY_ROW)]),
+    ("dane: TLSA on an insecure MX set is not used", at(L.DANE), RouteFacts((MX1,)),
+     {"tlsa": {"mx1.example.org": TlsaFacts("secure", (EE,))}},
+     [("mx1.example.org", "2001:db8::1", *MAY_ROW), ("mx1.example.org", "192.0.2.1", *MAY_ROW)]),
+    ("dane: a bogus TLSA for the only host defers", at(L.DANE), RouteFacts((SECURE_MX1,), mx_secure=True),
+     {"tlsa": {"mx1.example.org": TlsaFacts("bogus")}}, ("refused", "temporary", "4.7.5")),
+    # MTA-STS hook (RFC 8461): enforce keeps matching hosts, verified; testing changes nothing.
+    ("sts enforce: only listed hosts, PKIX against the MX name", at(L.DANE), TWO,
+     {"sts": StsFacts("enforce", ("mx2.example.org",))},
+     [("mx2.example.org", "192.0.2.2", "verify", True, "pkix", "mx2.example.org", False)]),
+    ("sts enforce with no matching host defers", at(L.DANE), TWO,
+     {"sts": StsFacts("enforce", ("*.other.example",))},
+     ("refused", "temporary", "4.7.5")),
+    ("sts testing is opportunistic", at(L.DANE), RouteFacts((MX2,)),
+     {"sts": StsFacts("testing", ("x.example",))},
+     [("mx2.example.org", "192.0.2.2", *MAY_ROW)]),
+    ("sts enforce satisfies REQUIRETLS", at(L.DANE), RouteFacts((MX2,)),
+     {"sts": StsFacts("enforce", ("*.example.org",)), "requiretls": True},
+     [("mx2.example.org", "192.0.2.2", "verify", True, "pkix", "mx2.example.org", False)]),
+    ("DANE outranks MTA-STS", at(L.DANE), RouteFacts((SECURE_MX1,), mx_secure=True),
+     {"tlsa": {"mx1.example.org": TlsaFacts("secure", (EE,))},
+      "sts": StsFacts("enforce", ("other.example",))},
+     [("mx1.example.org", "192.0.2.1", "dane", True, "dane", "mx1.example.org", False)]),
+    ("an explicit verify level ignores STS facts", at(L.VERIFY), RouteFacts((MX2,)),
+     {"sts": StsFacts("enforce", ("other.example",))},
+     [("mx2.example.org", "192.0.2.2", "verify", True, "pkix", "mx2.example.org", False)]),
+])
+def test_plan(name: str, dest: Destination, facts: RouteFacts, kw: dict[str, Any], expected: Any) -> None:
+    assert summary(plan(dest, facts, **kw)) == expected, name
+
+
+def test_plan_uses_destination_port_and_ca() -> None:
+    dest = at(L.VERIFY, port=2526, ca_file=Path("/etc/ca.pem"))
+    (cand,) = plan(dest, RouteFacts((MX2,))).candidates
+    assert (cand.port, cand.tls.ca_file) == (2526, Path("/etc/ca.pem"))
+    assert cand.relay == "mx2.example.org[192.0.2.2]:2526"
+
+
+def test_smarthost_plan_is_verified_implicit_tls() -> None:
+    cfg = config(smarthost={"host": "[127.0.0.1]", "ca_file": "/etc/ca.pem"})
+    dest = destination_for("example.org", cfg)
+    (cand,) = plan(dest, literal_facts(dest)).candidates
+    assert (cand.address, cand.port) == ("127.0.0.1", 465)
+    assert cand.tls.implicit and cand.tls.required and cand.tls.verify == "pkix"
+    assert cand.tls.verify_name == "127.0.0.1" and cand.tls.ca_file == Path("/etc/ca.pem")
+    assert not cand.tls.plaintext_after_failed_handshake
+
+
+def test_refusal_reasons_name_what_was_skipped() -> None:
+    p = plan(at(L.MAY), TWO, requiretls=True)
+    assert p.refusal is not None
+    assert p.refusal.reply.startswith("5.7.30 REQUIRETLS support required")
+    assert "mx1.example.org" in p.refusal.reason and "mx2.example.org" in p.refusal.reason
+    assert len(p.skipped) == 2
+
+
+@pytest.mark.parametrize(("pattern", "host", "ok"), [
+    ("mx.example.org", "mx.example.org", True),
+    ("mx.example.org", "MX.Example.org.", True),
+    ("*.example.org", "mx.example.org", True),
+    ("*.example.org", "a.mx.example.org", False),
+    ("*.example.org", "example.org", False),
+    ("*.example.org", ".example.org", False),
+    ("mx.example.org", "mx2.example.org", False),
+])
+def test_sts_patterns(pattern: str, host: str, ok: bool) -> None:
+    assert sts_matches(pattern, host) is ok
+
+
+def test_tlsa_usability() -> None:
+    assert TlsaRecord(2, 0, 1, b"").usable and TlsaRecord(3, 1, 2, b"").usable
+    assert TlsaRecord(3, 0, 0, b"").usable
+    assert not TlsaRecord(0, 0, 1, b"").usable and not TlsaRecord(1, 1, 1, b"").usable
+    assert not TlsaRecord(3, 2, 1, b"").usable and not TlsaRecord(3, 1, 3, b"").usable
