@@ -188,8 +188,15 @@ class TlsaRecord:
     @property
     def usable(self) -> bool:
         # RFC 7672 §3.1: only DANE-TA(2) and DANE-EE(3) count for SMTP; §5: known selectors and
-        # matching types only. PKIX-TA/EE (0, 1) are treated as unusable, as Postfix does.
-        return self.usage in (2, 3) and self.selector in (0, 1) and self.matching_type in (0, 1, 2)
+        # matching types only. PKIX-TA/EE (0, 1) are treated as unusable, as Postfix does, and so
+        # is a digest of the wrong length (malformed, §2.2.3).
+        if self.usage not in (2, 3) or self.selector not in (0, 1):
+            return False
+        expected = {0: None, 1: 32, 2: 64}
+        if self.matching_type not in expected:
+            return False
+        length = expected[self.matching_type]
+        return len(self.data) > 0 if length is None else len(self.data) == length
 
 
 @dataclass(frozen=True, slots=True)

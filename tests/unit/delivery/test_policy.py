@@ -245,7 +245,11 @@ def test_sts_patterns(pattern: str, host: str, ok: bool) -> None:
 
 
 def test_tlsa_usability() -> None:
-    assert TlsaRecord(2, 0, 1, b"").usable and TlsaRecord(3, 1, 2, b"").usable
-    assert TlsaRecord(3, 0, 0, b"").usable
-    assert not TlsaRecord(0, 0, 1, b"").usable and not TlsaRecord(1, 1, 1, b"").usable
-    assert not TlsaRecord(3, 2, 1, b"").usable and not TlsaRecord(3, 1, 3, b"").usable
+    sha256, sha512 = b"\x01" * 32, b"\x01" * 64
+    assert TlsaRecord(2, 0, 1, sha256).usable and TlsaRecord(3, 1, 2, sha512).usable
+    assert TlsaRecord(3, 0, 0, b"\x30").usable
+    assert not TlsaRecord(0, 0, 1, sha256).usable and not TlsaRecord(1, 1, 1, sha256).usable
+    assert not TlsaRecord(3, 2, 1, sha256).usable and not TlsaRecord(3, 1, 3, sha256).usable
+    # Malformed association data (RFC 7672 §2.2.3): wrong digest length, empty full data.
+    assert not TlsaRecord(3, 1, 1, sha512).usable and not TlsaRecord(3, 1, 2, sha256).usable
+    assert not TlsaRecord(3, 1, 0, b"").usable
