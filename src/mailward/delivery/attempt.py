@@ -24,6 +24,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from mailward.delivery.dane import verify_chain
 from mailward.delivery.policy import Candidate, TlsRequirement
 from mailward.queue import Recipient, ResultStatus, StoredMessage
 from mailward.smtp.address import AddressError, Mailbox, parse_mailbox
@@ -304,11 +305,8 @@ class Session:
         await self._ehlo()
 
     async def _handshake(self, tls: TlsRequirement) -> None:
-        if tls.verify == "dane":
-            # The TLSA matching arrives with DANE support; until then such a host is unusable
-            # rather than silently downgraded.
-            raise AttemptError("4.7.5", f"{self.candidate.relay}: DANE verification is not available",
-                               tls=TlsOutcome(failure="DANE verification not available"))
+        # DANE replaces PKIX: the handshake accepts any chain and dane.verify_chain judges it
+        # against the TLSA records before a single envelope byte is sent (RFC 7672 §3).
         verify = tls.verify == "pkix"
         context = _context(verify, tls.ca_file)
         name = tls.verify_name or self.candidate.host
@@ -323,6 +321,15 @@ class Session:
                                retry_plaintext=tls.plaintext_after_failed_handshake and not tls.implicit,
                                tls=TlsOutcome(failure=why)) from None
         facts = tls_facts(sslobj)
+        if tls.verify == "dane":
+            verdict = verify_chain(tls.tlsa, peer_chain(sslobj), tls.dane_names)
+            if not verdict.verified:
+                outcome = TlsOutcome(protocol=facts.version, cipher=facts.cipher,
+                                     peer_subject=_subject(sslobj), failure=f"DANE: {verdict.reason}")
+                self.abort()
+                raise AttemptError("4.7.5", f"DANE authentication of {self.candidate.relay} failed: "
+                                            f"{verdict.reason}", tls=outcome)
+            verify = True
         self.tls = TlsOutcome(protocol=facts.version, cipher=facts.cipher, verified=verify,
                               peer_subject=_subject(sslobj))
 

@@ -247,6 +247,7 @@ class TlsRequirement:
     # Postfix and unlike a policy that demands TLS.
     plaintext_after_failed_handshake: bool = False
     tlsa: tuple[TlsaRecord, ...] = ()  # DANE: the records the peer must match
+    dane_names: tuple[str, ...] = ()  # DANE-TA reference identifiers (RFC 7672 §3.2.2)
     reason: str = ""  # why this level applies, for logs and `policy show`
 
     @property
@@ -414,6 +415,12 @@ def _dane(
         # §2.2.3: secure but unusable records still make TLS mandatory, unauthenticated.
         return TlsRequirement(SecurityLevel.ENCRYPT, starttls=True, required=True,
                               reason="dane: only unusable TLSA records"), ""
+    base = found.base_domain or host.name
+    # §3.2.2: the TLSA base domain, the MX host as named, and with a secure MX RRset also the
+    # next-hop domain (Postfix's "nexthop, hostname").
+    names = [base, host.name]
+    if destination.uses_mx and facts.mx_secure:
+        names.append(destination.domain)
     return TlsRequirement(SecurityLevel.DANE, starttls=True, required=True, verify="dane",
-                          verify_name=found.base_domain or host.name, tlsa=usable,
+                          verify_name=base, tlsa=usable, dane_names=tuple(dict.fromkeys(names)),
                           reason="dane: secure TLSA records"), ""
