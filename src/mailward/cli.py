@@ -1,5 +1,5 @@
 """Command-line entry point: mailward serve | reload | config check | user ... | queue ... | sendmail |
-version."""
+tlsa | version."""
 
 from __future__ import annotations
 
@@ -89,6 +89,42 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return queuetool.run(args, _config(args).queue.path)
 
 
+def cmd_tlsa(args: argparse.Namespace) -> int:
+    """Print the TLSA record that publishes a certificate for DANE (RFC 7671 §5 recommends 3 1 1)."""
+    from cryptography import x509
+
+    from mailward.delivery.dane import association_data
+
+    path = Path(args.cert)
+    try:
+        certs = x509.load_pem_x509_certificates(path.read_bytes())
+    except OSError as exc:
+        print(f"mailward: cannot read {path} ({exc.strerror}); give the certificate file a listener "
+              "uses, such as certbot's fullchain.pem.", file=sys.stderr)
+        return 2
+    except ValueError:
+        print(f"mailward: {path} holds no PEM certificate; give a PEM file such as certbot's "
+              "fullchain.pem.", file=sys.stderr)
+        return 2
+    if args.usage == 2 and len(certs) < 2:
+        print(f"mailward: {path} holds only one certificate; a DANE-TA (usage 2) record names the "
+              "issuing CA, so give the full chain (certbot's fullchain.pem).", file=sys.stderr)
+        return 2
+    # DANE-EE names the leaf; DANE-TA the top of the chain the server sends (RFC 7672 §3.1.2).
+    cert = certs[0] if args.usage == 3 else certs[-1]
+    host = args.host
+    if host is None:
+        try:
+            san = certs[0].extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            names = san.value.get_values_for_type(x509.DNSName)
+        except x509.ExtensionNotFound:
+            names = []
+        host = names[0] if names else "HOST"
+    data = association_data(cert, args.selector, args.mtype).hex()
+    print(f"_{args.port}._tcp.{host.rstrip('.')}. IN TLSA {args.usage} {args.selector} {args.mtype} {data}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailward", description="A mail transfer agent that "
                                      "delivers securely or not at all.")
@@ -132,6 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
     # Listed for --help only: main() hands `sendmail` its arguments before argparse sees them.
     sub.add_parser("sendmail", help="submit a message read from standard input, like sendmail(8); "
                    "see mailward sendmail --help", add_help=False)
+
+    tlsa = sub.add_parser("tlsa", help="print the TLSA record to publish for a certificate (DANE)")
+    tlsa.add_argument("--cert", required=True, metavar="FILE", help="PEM certificate or chain, leaf first")
+    tlsa.add_argument("--usage", type=int, choices=(2, 3), default=3,
+                      help="3 DANE-EE (the leaf, default) or 2 DANE-TA (the last certificate of the chain)")
+    tlsa.add_argument("--selector", type=int, choices=(0, 1), default=1,
+                      help="1 the public key (default, survives renewals with the same key) or 0 the whole "
+                      "certificate")
+    tlsa.add_argument("--mtype", type=int, choices=(0, 1, 2), default=1,
+                      help="1 SHA-256 (default), 2 SHA-512, 0 the full data")
+    tlsa.add_argument("--host", help="the MX host name (default: the certificate's first DNS name)")
+    tlsa.add_argument("--port", type=int, default=25, help="the port (default 25)")
+    tlsa.set_defaults(func=cmd_tlsa)
 
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=lambda args: print(f"mailward {__version__}") or 0)
