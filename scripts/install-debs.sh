@@ -3,6 +3,9 @@
 # Postfix is preseeded to "No configuration": tests run their own instances with `postfix -c DIR`.
 set -euo pipefail
 packages=(swaks libnet-ssleay-perl postfix testssl.sh openssl)
+# dovecot-core and dovecot-lmtpd: the LMTP server local delivery is tested against, run by the
+# tests from their own config in a temporary directory.
+packages+=(dovecot-core dovecot-lmtpd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -439,7 +439,8 @@ class AliasConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LocalConfig:
     maildir: Path = field(metadata=setting(
-        "root of the Maildirs: each local user gets maildir/<user>/ (tmp, new, cur)",
+        "root of the Maildirs: each local user (a name in auth.users_file, or a directory made here) "
+        "gets maildir/<user>/ (tmp, new, cur)",
         Derived("state_dir/mail", lambda s: s.root["state_dir"] / "mail")))
     lmtp: Annotated[str, LMTP_TARGET] | None = field(metadata=setting(
         "hand local mail to an LMTP server (RFC 2033) such as Dovecot instead of the Maildirs: "
@@ -830,6 +831,9 @@ def demo_config(var_dir: Path) -> Config:
         ],
         "tls": {"certificates": [{"cert": str(var_dir / "tls" / "cert.pem"),
                                   "key": str(var_dir / "tls" / "key.pem")}]},
+        # "demo" is the demo user (demo@mailward.test): postmaster and every unknown local part
+        # land in var_dir/mail/demo/, so any test message can be seen there.
+        "local": {"alias": [{"name": "postmaster", "targets": ["demo"]}], "catch_all": "demo"},
     }, "the demo configuration")
 
 

@@ -78,6 +78,7 @@ def demo_banner(config: Config, password: str) -> str:
         f"--auth-password '{password}' --from {DEMO_USER} --to someone@example.org",
         "or to the MX listener:",
         "  swaks --server 127.0.0.1:2525 --tls --to postmaster@mailward.test",
+        f"Mail to any name at localhost or mailward.test lands in {state}/mail/demo/new at once.",
         f"The demo CA certificate is {ca}. Stop with Ctrl-C.",
     ]
     return "\n".join(lines)

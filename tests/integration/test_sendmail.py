@@ -160,7 +160,6 @@ def test_console_script_is_declared() -> None:
 
 
 def test_sendmail_t_delivers_into_a_maildir(make_server: MakeServer) -> None:
-    pytest.importorskip("mailward.delivery.local", reason="local delivery has not landed yet")
     delivering = make_server(deliver=True)
     marker = "maildir-check-7f3a"
     ok(sendmail(delivering, "-t", "-i", stdin=f"To: {USER}\nBcc: {USER}\nSubject: {marker}\n\nhi\n".encode()))

@@ -47,6 +47,7 @@ from mailward.delivery.attempt import (
     Session,
     TlsOutcome,
 )
+from mailward.delivery.local import LocalDelivery, LocalResult
 from mailward.delivery.policy import (
     Candidate,
     Destination,
@@ -266,8 +267,8 @@ def read_smarthost_credentials(config: Config) -> Credentials | None:
 
 
 def _optional_module(name: str) -> Any:
-    # dns.py and local.py are written alongside this module; until both are present the
-    # Deliverer still runs routes and the smarthost, and defers what needs the missing part.
+    # dns.py is written alongside this module; until it is present the Deliverer still runs
+    # routes and the smarthost, and defers MX destinations.
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
@@ -284,12 +285,9 @@ def build_deliverer(config: Config, queue: Queue) -> Deliverer:
     credentials = read_smarthost_credentials(config)
     dns = _optional_module("mailward.delivery.dns")
     resolver = None if dns is None else dns.DnsResolver(config.dns.resolvers, timeout=config.dns.timeout)
-    local_module = _optional_module("mailward.delivery.local")
-    local = None if local_module is None else local_module.LocalDelivery.from_config(config)
+    local = LocalDelivery.from_config(config, queue)
     if resolver is None:
         log.warning("delivery runs without DNS: MX destinations are deferred")
-    if local is None:
-        log.warning("delivery runs without local delivery: local recipients are deferred")
     return Deliverer(config, queue, resolver, local, credentials=credentials)
 
 
@@ -309,7 +307,7 @@ class LocalAgent(Protocol):
 
     async def deliver(
         self, message: StoredMessage, body: bytes, recipients: Sequence[str]
-    ) -> Mapping[str, Any]: ...
+    ) -> Mapping[str, LocalResult]: ...
 
 
 # --- the Deliverer ------------------------------------------------------------------------------------
@@ -318,7 +316,7 @@ class LocalAgent(Protocol):
 @dataclass(frozen=True, slots=True)
 class _Outcome:
     outcome: RecipientOutcome
-    relay: str  # host[ip]:port, "local" or "none"
+    relay: str  # host[ip]:port, "local", "lmtp[...]" or "none"
     tls: TlsOutcome
     remote_mta: str | None = None
 
@@ -770,8 +768,10 @@ class Deliverer:
                 addresses = [r.address for r in job.recipients]
                 results = await self.local.deliver(job.work.message, body, addresses)
                 for r in job.recipients:
-                    job.work.outcomes[r.address] = _Outcome(_local_outcome(results.get(r.address)), "local",
-                                                            TlsOutcome())
+                    result = results.get(r.address)
+                    if result is None:
+                        result = LocalResult(_deferral("4.3.0 no result from local delivery"), "local")
+                    job.work.outcomes[r.address] = _Outcome(result.outcome, result.relay, TlsOutcome())
 
     # --- results ---
 
@@ -879,19 +879,6 @@ def _deferral(reply: str) -> RecipientOutcome:
     status = reply.split(" ", 1)[0]
     return RecipientOutcome("deferred", reply, status if re.fullmatch(r"[245]\.\d{1,3}\.\d{1,3}", status)
                             else "4.0.0")
-
-
-_CLASS_CODES = {"delivered": "2.0.0", "failed": "5.0.0"}
-
-
-def _local_outcome(result: Any) -> RecipientOutcome:
-    if result is None:
-        return RecipientOutcome("deferred", "4.3.0 no result from local delivery", "4.3.0")
-    raw = str(getattr(result, "status", "deferred"))
-    status: ResultStatus = "delivered" if raw == "delivered" else "failed" if raw == "failed" else "deferred"
-    reply = str(getattr(result, "reply", "") or getattr(result, "detail", "") or raw)
-    enhanced = str(getattr(result, "enhanced", None) or _CLASS_CODES.get(status, "4.0.0"))
-    return RecipientOutcome(status, reply, enhanced, remote_dsn=False)
 
 
 # --- DNS facts ------------------------------------------------------------------------------------------

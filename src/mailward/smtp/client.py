@@ -1,7 +1,8 @@
 """The client role of the engine: commands out, server replies in, typed events out.
 
-Used by outbound delivery, the smarthost relay and ``mailward check``. Like the server role it does
-no I/O: the driver moves bytes between the socket and this object and reacts to events.
+Used by outbound delivery, the smarthost relay, ``mailward check`` and, with ``lmtp=True``, local
+delivery over LMTP (RFC 2033). Like the server role it does no I/O: the driver moves bytes between
+the socket and this object and reacts to events.
 
 Call sequence (each arrow is "on this event, the driver may call")::
 
@@ -46,6 +47,10 @@ Rules the engine enforces, because delivery must never get them wrong:
 * A transaction whose MAIL was accepted but whose content never ended (all recipients refused,
   DATA refused, a BDAT chunk refused) leaves state on the server; the next start_transaction()
   sends RSET first, unreported, so a caller cannot meet "503 sender already specified".
+* LMTP (``lmtp=True``): ``ehlo()`` sends LHLO and never falls back to HELO; the content is sent
+  with DATA only, and its end is answered once per accepted recipient, in RCPT order (RFC 2033
+  §4.2), which ``TransactionResult.final_replies`` carries. A session that ends part-way leaves the
+  recipients still unanswered with the closing reply, never with an earlier recipient's success.
 * Server input never raises. ``ClientUsageError`` is raised only for API misuse, and a control
   character in an argument propagates unchanged as ``commands.InjectionError`` (or
   ``address.AddressError`` for a hand-built Mailbox; both are ValueError): such a value comes from
@@ -260,14 +265,18 @@ class TransactionResult:
     mail_reply: Reply
     rcpt_replies: tuple[tuple[Mailbox, Reply], ...]
     data_reply: Reply | None
+    # LMTP only: each recipient's own reply to the end of the content, aligned with rcpt_replies
+    # (None where RCPT failed or the reply never came); empty for SMTP.
+    final_replies: tuple[Reply | None, ...] = ()
 
     @property
     def outcomes(self) -> tuple[tuple[Mailbox, Reply], ...]:
         """The reply that decides each recipient's fate."""
         out = []
-        for mailbox, reply in self.rcpt_replies:
+        for i, (mailbox, reply) in enumerate(self.rcpt_replies):
             if 200 <= reply.code < 300:
-                reply = self.data_reply or _NO_FINAL_REPLY
+                final = self.final_replies[i] if self.final_replies else None
+                reply = final or self.data_reply or _NO_FINAL_REPLY
             out.append((mailbox, reply))
         return tuple(out)
 
@@ -381,6 +390,7 @@ class _Txn:
     phase: _Phase = _Phase.COMMANDS
     content_ended: bool = False  # the reply to "." or BDAT LAST arrived
     held: bytes | None = None  # BDAT: the newest chunk, kept so the last one can carry LAST
+    final_replies: list[Reply | None] | None = None  # LMTP: per-recipient replies to "."
 
     @property
     def mail_ok(self) -> bool:
@@ -395,7 +405,7 @@ class _Txn:
 class _Sent:
     kind: _Kind
     txn: _Txn | None = None
-    index: int = 0  # RCPT: which recipient
+    index: int = 0  # RCPT, and LMTP's replies to ".": which recipient
     last: bool = False  # BDAT: the LAST chunk
     silent: bool = False  # sent by the engine itself (lone ".", implicit RSET): reply not reported
 
@@ -404,10 +414,15 @@ class ClientConnection:
     """One SMTP client session's protocol state. Never raises on server input."""
 
     def __init__(
-        self, local_hostname: str, *, tls_active: bool = False, allow_plaintext_auth: bool = False
+        self, local_hostname: str, *, tls_active: bool = False, allow_plaintext_auth: bool = False,
+        lmtp: bool = False,
     ) -> None:
         self._ehlo_bytes = Ehlo(local_hostname).to_bytes()  # refuses a hostname with controls now
+        if lmtp:
+            # RFC 2033 §4.1: LHLO takes EHLO's argument and gets EHLO's reply.
+            self._ehlo_bytes = b"LHLO" + self._ehlo_bytes[4:]
         self._helo_bytes = Helo(local_hostname).to_bytes()
+        self.lmtp = lmtp
         self.local_hostname = local_hostname
         self.allow_plaintext_auth = allow_plaintext_auth
         self._tls_active = tls_active
@@ -596,7 +611,8 @@ class ClientConnection:
         if size is not None and size < 0:
             raise ClientUsageError("size must not be negative")
         binary = params.body == "BINARYMIME"
-        bdat_usable = caps.chunking and caps.pipelining
+        # RFC 2033 defines per-recipient replies for DATA only, so LMTP never uses BDAT.
+        bdat_usable = caps.chunking and caps.pipelining and not self.lmtp
         mailboxes = [mb for mb, _ in recipients]
         all_boxes = mailboxes if sender is None else [sender, *mailboxes]
         needs_utf8 = params.smtputf8 or any(not mb.local_part.isascii() for mb in all_boxes)
@@ -623,7 +639,7 @@ class ClientConnection:
         if use_bdat and not bdat_usable:
             # Without PIPELINING each BDAT would need its reply before the next (RFC 3030), which
             # this streaming API does not model: use DATA for such servers.
-            raise ClientUsageError("use_bdat needs the server's CHUNKING and PIPELINING")
+            raise ClientUsageError("use_bdat needs the server's CHUNKING and PIPELINING, and SMTP")
 
         wire_params = dataclasses.replace(
             params,
@@ -683,7 +699,13 @@ class ClientConnection:
         tail = txn.encoder.finish()
         if not txn.use_bdat:
             self._out.append(tail + b".\r\n")
-            self._expect(_Sent(_Kind.DOT, txn))
+            if not self.lmtp:
+                self._expect(_Sent(_Kind.DOT, txn))
+                return
+            txn.final_replies = [None] * len(txn.recipients)
+            for i, reply in enumerate(txn.rcpt_replies):
+                if reply is not None and 200 <= reply.code < 300:
+                    self._expect(_Sent(_Kind.DOT, txn, index=i))
             return
         held, txn.held = txn.held, None
         if not txn.body_failed:
@@ -778,7 +800,7 @@ class ClientConnection:
             if 200 <= reply.code < 300:
                 self._caps = Capabilities.from_ehlo(reply)
                 self._events.append(EhloCompleted(reply, self._caps))
-            elif reply.code in (500, 502):
+            elif reply.code in (500, 502) and not self.lmtp:  # LMTP has no HELO
                 self._submit(self._helo_bytes, _Sent(_Kind.HELO))
             else:
                 self._events.append(EhloRefused(reply))
@@ -863,9 +885,17 @@ class ClientConnection:
             elif txn.accepted:
                 txn.data_reply = reply
         elif kind is _Kind.DOT:
-            txn.content_ended = True
-            if not sent.silent:
-                txn.data_reply = reply
+            if txn.final_replies is not None and not sent.silent:
+                txn.final_replies[sent.index] = reply
+                # data_reply stays unset until every recipient is answered, so a session ending
+                # half-way gives the rest its closing reply rather than someone else's.
+                if txn.pending == 0:
+                    txn.content_ended = True
+                    txn.data_reply = reply
+            else:
+                txn.content_ended = True
+                if not sent.silent:
+                    txn.data_reply = reply
         elif kind is _Kind.BDAT:
             txn.content_ended = sent.last
             if (not ok or sent.last) and not txn.body_failed:
@@ -889,7 +919,8 @@ class ClientConnection:
         else:
             rcpts = tuple((mb, mail_reply) for mb in txn.recipients)
         data_reply = txn.data_reply if txn.accepted else None
-        self._events.append(TransactionResult(mail_reply, rcpts, data_reply))
+        final = tuple(txn.final_replies) if txn.final_replies is not None else ()
+        self._events.append(TransactionResult(mail_reply, rcpts, data_reply, final))
 
     def _finish_aborted(self, reply: Reply) -> None:
         """The session ends with a transaction open: every undecided part gets ``reply``."""
