@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite drives as real peers, only those missing.
 # Postfix is preseeded to "No configuration": tests run their own instances with `postfix -c DIR`.
+# nsd, unbound and ldnsutils (ldns-keygen, ldns-signzone) make the DNSSEC test zones; the tests run
+# their own instances on loopback ports, whatever the system's services do.
 set -euo pipefail
-packages=(swaks libnet-ssleay-perl postfix testssl.sh openssl)
+packages=(swaks libnet-ssleay-perl postfix testssl.sh openssl nsd unbound ldnsutils)
 # dovecot-core and dovecot-lmtpd: the LMTP server local delivery is tested against, run by the
 # tests from their own config in a temporary directory.
 packages+=(dovecot-core dovecot-lmtpd)

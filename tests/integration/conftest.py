@@ -5,6 +5,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from dnssec import TOOLS, DnsLab, start_dnssec
 from mailward_server import MailwardServer
 
 MakeServer = Callable[..., MailwardServer]
@@ -49,3 +50,13 @@ def make_server(tmp_path: Path) -> Iterator[MakeServer]:
 @pytest.fixture
 def server(make_server: MakeServer) -> MailwardServer:
     return make_server()
+
+
+@pytest.fixture(scope="session")
+def dns_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DnsLab]:
+    """NSD and a validating Unbound on loopback with zones signed at set-up (dnssec.py), once a session."""
+    for tool in TOOLS:
+        require_tool(tool)
+    lab = start_dnssec(tmp_path_factory.mktemp("dnssec"))
+    yield lab
+    lab.stop()

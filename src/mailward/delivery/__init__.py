@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import os
 import random
@@ -47,11 +46,11 @@ from mailward.delivery.attempt import (
     Session,
     TlsOutcome,
 )
+from mailward.delivery.dns import DnsPermanentError, DnsResolver, DnsTemporaryError, HostAddresses, NextHops
 from mailward.delivery.local import LocalDelivery, LocalResult
 from mailward.delivery.policy import (
     Candidate,
     Destination,
-    HostFacts,
     Plan,
     Refusal,
     RouteFacts,
@@ -266,28 +265,14 @@ def read_smarthost_credentials(config: Config) -> Credentials | None:
     return Credentials(sh.username, password)
 
 
-def _optional_module(name: str) -> Any:
-    # dns.py is written alongside this module; until it is present the Deliverer still runs
-    # routes and the smarthost, and defers MX destinations.
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name != name:
-            raise
-        return None
-
-
 def build_deliverer(config: Config, queue: Queue) -> Deliverer:
     """The Deliverer the service runs: resolver, local delivery and credentials from `config`.
 
     Raises ConfigError for what the operator must fix (an unreadable smarthost password file).
     """
     credentials = read_smarthost_credentials(config)
-    dns = _optional_module("mailward.delivery.dns")
-    resolver = None if dns is None else dns.DnsResolver(config.dns.resolvers, timeout=config.dns.timeout)
+    resolver = DnsResolver(config.dns.resolvers, timeout=config.dns.timeout)
     local = LocalDelivery.from_config(config, queue)
-    if resolver is None:
-        log.warning("delivery runs without DNS: MX destinations are deferred")
     return Deliverer(config, queue, resolver, local, credentials=credentials)
 
 
@@ -295,11 +280,12 @@ def build_deliverer(config: Config, queue: Queue) -> Deliverer:
 
 
 class Resolver(Protocol):
-    """What the Deliverer needs from `dns.DnsResolver`."""
+    """What the Deliverer needs from `dns.DnsResolver`: both raise `DnsPermanentError` or
+    `DnsTemporaryError` when DNS gives no usable answer."""
 
-    async def next_hops(self, domain: str) -> Any: ...
+    async def next_hops(self, domain: str) -> NextHops: ...
 
-    async def addresses(self, host: str) -> Any: ...
+    async def addresses(self, host: str) -> HostAddresses: ...
 
 
 class LocalAgent(Protocol):
@@ -613,22 +599,20 @@ class Deliverer:
         hop = destination.next_hop
         if hop is not None and hop.literal:
             return literal_facts(destination)
-        dns = _optional_module("mailward.delivery.dns")
-        if self.resolver is None or dns is None:
+        if self.resolver is None:
             return Refusal(False, "4.4.3", "no DNS resolver configured")
-
         name = destination.lookup_name
         try:
             if destination.uses_mx:
-                return facts_from_next_hops(await self.resolver.next_hops(name))
-            addresses = await self.resolver.addresses(name)
-        except dns.DnsPermanentError as exc:
+                return (await self.resolver.next_hops(name)).facts()
+            return (await self.resolver.addresses(name)).route_facts()
+        except DnsPermanentError as exc:
             if destination.kind == "mx":
-                return Refusal(True, "5.1.2", f"domain {name} not found: {exc}")
-            return Refusal(False, "4.4.4", f"next hop {name} of {destination.key} not found: {exc}")
-        except dns.DnsTemporaryError as exc:
-            return Refusal(False, "4.4.3", f"DNS lookup for {name} failed: {exc}")
-        return RouteFacts(hosts=(facts_from_addresses(name, addresses),))
+                return Refusal(True, exc.status, str(exc))
+            # A route or smarthost the operator named: their mistake to fix, not the sender's.
+            return Refusal(False, "4.4.4", f"next hop of {destination.key}: {exc}")
+        except DnsTemporaryError as exc:
+            return Refusal(False, exc.status, f"DNS lookup for {name} failed: {exc}")
 
     def _gate(self, key: str) -> _Gate:
         gate = self._gates.get(key)
@@ -880,49 +864,4 @@ def _deferral(reply: str) -> RecipientOutcome:
     return RecipientOutcome("deferred", reply, status if re.fullmatch(r"[245]\.\d{1,3}\.\d{1,3}", status)
                             else "4.0.0")
 
-
-# --- DNS facts ------------------------------------------------------------------------------------------
-
-
-def facts_from_next_hops(hops: Any) -> RouteFacts:
-    """Adapt `dns.NextHops` (MX-ordered hops, each with addresses and DNSSEC status) to the facts
-    `policy.plan` reads; policy stays independent of the resolver's own types."""
-    hosts = tuple(
-        HostFacts(
-            name=str(_first(hop, "host", "name", "exchange", default="")).rstrip("."),
-            addresses=_address_texts(_first(hop, "addresses", default=())),
-            preference=int(_first(hop, "preference", default=0)),
-            secure=_is_secure(hop),
-        )
-        for hop in _first(hops, "hops", "hosts", default=())
-    )
-    return RouteFacts(hosts=hosts, null_mx=bool(_first(hops, "null_mx", default=False)),
-                      mx_secure=_is_secure(hops),
-                      implicit_mx=bool(_first(hops, "implicit", "implicit_mx", default=False)))
-
-
-def facts_from_addresses(name: str, addresses: Any) -> HostFacts:
-    items = _first(addresses, "addresses", default=addresses)
-    return HostFacts(name=name, addresses=_address_texts(items), secure=_is_secure(addresses))
-
-
-def _first(obj: Any, *names: str, default: Any) -> Any:
-    for name in names:
-        value = getattr(obj, name, None)
-        if value is not None:
-            return value
-    return default
-
-
-def _address_texts(items: Iterable[Any]) -> tuple[str, ...]:
-    # Addresses may come as text or as records carrying one.
-    return tuple(str(_first(a, "address", "ip", default=a)) for a in items)
-
-
-def _is_secure(obj: Any) -> bool:
-    secure = _first(obj, "secure", "mx_secure", default=None)
-    if isinstance(secure, bool):
-        return secure
-    status = _first(obj, "dnssec", "status", default=None)
-    return str(getattr(status, "value", status)).lower() == "secure"
 
