@@ -86,7 +86,10 @@ def cmd_user(args: argparse.Namespace) -> int:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
-    return queuetool.run(args, _config(args).queue.path)
+    config = _config(args)
+    # The pid file `mailward serve` writes, so retry and flush can say whether a server will act.
+    server = queuetool.Server(config.state_dir / "mailward.pid", config.delivery.enabled)
+    return queuetool.run(args, config.queue.path, server=server)
 
 
 def cmd_tlsa(args: argparse.Namespace) -> int:

@@ -5,9 +5,15 @@ writer at a time share the file between processes. It does not go through `Sqlit
 which empties the spool directory of transactions being received and creates a missing database;
 from a second process that could take a spool file from under the running server, or leave a
 root-owned empty queue where the configuration pointed at the wrong file. Instead `list` and
-`show` read through a read-only connection, and `hold`, `release` and `delete` run the backend's
-own statements (`sqlite_store`) in one IMMEDIATE transaction with synchronous=FULL, as its writer
-does. When run as root, SQLite gives any -wal/-shm file it creates the database file's owner.
+`show` read through a read-only connection, and `retry`, `flush`, `hold`, `release` and `delete`
+run the backend's own statements (`sqlite_store`) in one IMMEDIATE transaction with
+synchronous=FULL, as its writer does. When run as root, SQLite gives any -wal/-shm file it creates
+the database file's owner.
+
+A running server notices such a change by itself within about a second (its queue writer watches
+for commits by other connections, see `mailward.queue.sqlite`), so `queue flush` and `queue retry`
+send no signal. They read the server's pid file only to say when nothing is running: the change
+is then on disk and takes effect when the server starts.
 
 `--json` prints a list of messages; the schema is stable (fields may be added, none removed)::
 
@@ -22,13 +28,20 @@ does. When run as root, SQLite gives any -wal/-shm file it creates the database 
                       "reason": "451 4.7.1 try later",  # the last reply or our diagnosis; null before
                       "attempts": 1,
                       "next_attempt_at": 1795897000.0,  # epoch seconds; null once final
-                      "tls": null}]}]  # the TLS verdict of the last attempt: always null for now,
-                                       # the queue does not record it yet
+                      "tls": {  # the TLS of the last attempt; null before one, or when it never
+                              # reached a host (local delivery, DNS failure, connection refused)
+                          "protocol": "TLSv1.3",  # null: the attempt ran in plaintext
+                          "cipher": "TLS_AES_256_GCM_SHA384",
+                          "verified": false,  # the peer was authenticated as the policy asks
+                          "policy": "may",    # effective security level: none, may, encrypt, dane,
+                                              # dane-only, verify, secure
+                          "failure": null}}]}]  # why TLS was not used, or how it failed
 
 `queue show --json` adds to its message "envelope" (client_ip, client_helo, listener, received_at,
 auth_user, body_type, smtputf8, requiretls, dsn_ret, dsn_envid, and tls: the TLS of reception as
 {"version", "cipher", "bits"} or null) and "headers" ([name, unfolded value] pairs).
-`hold`, `release` print each message after the change, `delete` as it was before it.
+`retry`, `flush`, `hold`, `release` print each message after the change, `delete` as it was
+before it.
 """
 
 from __future__ import annotations
@@ -36,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import sqlite3
 import sys
@@ -43,17 +57,19 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from mailward.queue import CorruptMessage, RecipientState, StoredMessage
+from mailward.queue import CorruptMessage, RecipientState, StoredMessage, TlsVerdict
 from mailward.queue import sqlite_store as store
 
 BUSY_TIMEOUT = 10.0  # seconds to wait for the server's writer to finish its batch
 HEADER_LIMIT = 256 * 1024  # `show` reads at most this much of a body looking for the header end
 
 EXIT_OK = 0
-EXIT_NOT_FOUND = 1  # a named message is not in the queue, or the operation is not available
+EXIT_NOT_FOUND = 1  # a named message is not in the queue (or, for retry, is on hold)
 EXIT_SETUP = 2  # no queue, unreadable queue, bad configuration: as `mailward` does for config errors
+
+T = TypeVar("T")
 
 
 class QueueToolError(Exception):
@@ -110,6 +126,10 @@ class QueueFile:
         if row is None:
             raise QueueToolError(f"{self.path} is not a mailward queue; check queue.path in the "
                                  "configuration.")
+        if str(row[0]).isdigit() and int(row[0]) < store.SCHEMA_VERSION:
+            raise QueueToolError(f"{self.path} has queue schema {row[0]}, older than this mailward's "
+                                 f"{store.SCHEMA_VERSION}; start the server once (mailward serve) to "
+                                 "upgrade it.")
         if row[0] != str(store.SCHEMA_VERSION):
             raise QueueToolError(f"{self.path} has queue schema {row[0]}; this mailward reads schema "
                                  f"{store.SCHEMA_VERSION}, so use the mailward that wrote it.")
@@ -150,25 +170,30 @@ class QueueFile:
                     return data[: end + 2]
         return data[:HEADER_LIMIT]
 
-    def _change(self, fn: Callable[[sqlite3.Connection, str], bool], id: str) -> bool:
+    def _change(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         with self._connect(write=True) as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                changed = fn(conn, id)
+                result = fn(conn)
                 conn.execute("COMMIT")
             finally:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-        return changed
+        return result
+
+    def retry(self, ids: Sequence[str] | None, now: float) -> list[str]:
+        """Make the pending recipients of `ids` (None: every message) due at `now`; held messages
+        are left alone. Returns the ids of the messages now due."""
+        return self._change(lambda conn: store.retry(conn, ids=ids, now=now))
 
     def hold(self, id: str) -> bool:
-        return self._change(lambda conn, i: store.hold(conn, id=i), id)
+        return self._change(lambda conn: store.hold(conn, id=id))
 
     def release(self, id: str) -> bool:
-        return self._change(lambda conn, i: store.release(conn, id=i), id)
+        return self._change(lambda conn: store.release(conn, id=id))
 
     def delete(self, id: str) -> bool:
-        return self._change(lambda conn, i: store.delete(conn, id=i), id)
+        return self._change(lambda conn: store.delete(conn, id=id))
 
 
 # --- JSON ---------------------------------------------------------------------------------------
@@ -181,7 +206,7 @@ def recipient_json(state: RecipientState) -> dict[str, Any]:
         "reason": state.last_reply,
         "attempts": state.attempts,
         "next_attempt_at": None if state.is_final else state.next_attempt_at,
-        "tls": None,  # not recorded by the queue yet; see the module docstring
+        "tls": None if state.tls is None else state.tls.to_dict(),
     }
 
 
@@ -268,6 +293,13 @@ def _next_try(state: RecipientState, now: float) -> str:
     return "in " + format_age(state.next_attempt_at - now + 0.999)  # round up: "in 0s" would mislead
 
 
+def _tls(verdict: TlsVerdict | None) -> str:
+    if verdict is None:
+        return "-"
+    text = verdict.summary()
+    return printable(f"{text} ({verdict.policy})" if verdict.policy else text)
+
+
 def _sender(message: StoredMessage) -> str:
     return printable(message.envelope.sender) or "<>"
 
@@ -348,10 +380,10 @@ def format_show(message: StoredMessage, headers: bytes, now: float) -> str:
     ]
     lines = [f"{name + ':':<15}{value}" for name, value in fields]
     lines += ["", "Recipients:"]
-    rows = [["ADDRESS", "STATUS", "ATTEMPTS", "NEXT TRY", "REASON"]]
+    rows = [["ADDRESS", "STATUS", "ATTEMPTS", "NEXT TRY", "TLS", "REASON"]]
     for r in message.recipients:
         rows.append([printable(r.recipient.address), r.status, str(r.attempts), _next_try(r, now),
-                     printable(r.last_reply or "-")])
+                     _tls(r.tls), printable(r.last_reply or "-")])
     lines += ["  " + line for line in _table(rows, right=frozenset({2}))]
     lines += ["", "Headers:"]
     text = headers.decode("utf-8", errors="replace")
@@ -437,16 +469,92 @@ def cmd_change(queue: QueueFile, out: _Output, action: str, ids: Sequence[str]) 
     return status
 
 
-def cmd_retry(action: str) -> int:
-    # The queue has no operation that makes a deferred recipient due now (lease, renew and
-    # record_attempt all either need it due already or would count an attempt that never ran).
-    _warn(f"queue {action} is not available yet: the queue has no operation that makes deferred "
-          "recipients due now, so they are retried at their next try time.")
-    return EXIT_NOT_FOUND
+@dataclass(frozen=True, slots=True)
+class Server:
+    """Where to find the server that uses the queue, to tell the operator when a change acts."""
+
+    pid_file: Path
+    delivery_enabled: bool = True
 
 
-def run(args: argparse.Namespace, queue_path: Path, now: float | None = None) -> int:
-    """Run one `mailward queue` subcommand against the queue file at `queue_path`."""
+def running_pid(pid_file: Path) -> int | None:
+    """The pid of the mailward that wrote `pid_file`, or None when it is not running."""
+    try:
+        pid = int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, and another user's, as the server is when an unprivileged operator asks
+    # After a crash the pid file stays behind and its number may be reused by another program.
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return None if Path("/proc/self").exists() else pid
+    except OSError:
+        return pid
+    return pid if b"mailward" in cmdline else None
+
+
+def _when_effective(server: Server | None) -> None:
+    if server is None:
+        return
+    if running_pid(server.pid_file) is None:
+        _warn(f"no running mailward found ({server.pid_file} is missing or stale); the change is "
+              "stored and takes effect when it starts.")
+    elif not server.delivery_enabled:
+        _warn("delivery is disabled (delivery.enabled = false); the messages are sent once it is "
+              "enabled.")
+    # Otherwise the running server sees the change within about a second by itself.
+
+
+def cmd_retry(queue: QueueFile, out: _Output, now: float, ids: Sequence[str],
+              server: Server | None) -> int:
+    wanted = _ids(ids)
+    due = set(queue.retry(wanted, now))
+    status = EXIT_OK
+    payload: list[dict[str, Any]] = []
+    lines = []
+    for id in dict.fromkeys(wanted):
+        message = None
+        with contextlib.suppress(CorruptRecord):
+            message = queue.get(id)
+        if id not in due:
+            status = EXIT_NOT_FOUND
+            if message is not None and message.held:
+                _warn(f"message {id} is on hold; release it to deliver it (mailward queue release {id}).")
+            else:
+                _warn(f"message {id} is not in the queue (delivered, bounced or deleted).")
+            continue
+        if message is not None:
+            payload.append(message_json(message))
+        lines.append(f"{id}: due now\n")
+    out.emit(payload, "".join(lines))
+    if due:
+        _when_effective(server)
+    return status
+
+
+def cmd_flush(queue: QueueFile, out: _Output, now: float, server: Server | None) -> int:
+    due = set(queue.retry(None, now))
+    messages, _ = queue.messages()
+    held = sum(1 for m in messages if m.held)
+    text = f"{_plural(len(due), 'message')} due now"
+    if held:
+        text += f"; {_plural(held, 'held message')} left on hold"
+    out.emit([message_json(m) for m in messages if m.id in due], text + "\n")
+    if due:
+        _when_effective(server)
+    return EXIT_OK
+
+
+def run(args: argparse.Namespace, queue_path: Path, now: float | None = None,
+        server: Server | None = None) -> int:
+    """Run one `mailward queue` subcommand against the queue file at `queue_path`; `server` says
+    where the server's pid file is, so retry and flush can tell whether it is running."""
     out = _Output(json=bool(getattr(args, "json", False)))
     queue = QueueFile(queue_path)
     clock = time.time() if now is None else now
@@ -458,7 +566,9 @@ def run(args: argparse.Namespace, queue_path: Path, now: float | None = None) ->
             return cmd_show(queue, out, clock, args.ids)
         if action in ("hold", "release", "delete"):
             return cmd_change(queue, out, action, args.ids)
-        return cmd_retry(action)
+        if action == "retry":
+            return cmd_retry(queue, out, clock, args.ids, server)
+        return cmd_flush(queue, out, clock, server)
     except QueueToolError as exc:
         _warn(str(exc))
         return EXIT_SETUP
@@ -479,7 +589,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser,
     p.set_defaults(func=func)
     for name, helptext in (
         ("show", "envelope, recipients, TLS of reception and headers of messages"),
-        ("retry", "make the deferred recipients of messages due now (not available yet)"),
+        ("retry", "try the deferred recipients of messages now, not at their next try time"),
         ("hold", "stop delivering messages until released"),
         ("release", "resume delivering held messages"),
         ("delete", "remove messages without a bounce"),
@@ -488,5 +598,5 @@ def add_parser(sub: Any, common: argparse.ArgumentParser,
         p.add_argument("ids", nargs="+", metavar="ID", help="queue id")
         p.set_defaults(func=func)
     p = queue_sub.add_parser("flush", parents=parents,
-                             help="make every deferred recipient due now (not available yet)")
+                             help="try every deferred recipient of every message not on hold now")
     p.set_defaults(func=func)

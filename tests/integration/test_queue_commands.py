@@ -1,15 +1,19 @@
-"""`mailward queue` beside a running server: list what swaks and sendmail submitted; hold, release, delete."""
+"""`mailward queue` beside a running server: list what swaks and sendmail submitted; hold, release,
+delete; retry and flush, which the server acts on at once instead of after its backoff."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+import time
 from typing import Any
 
 import pytest
 from conftest import MakeServer, require_tool
 from local_submit import PARKED, ok, parked_toml, sendmail, socket_path
-from mailward_server import MailwardServer
+from mailward_server import MailwardServer, free_port
+from test_delivery import PickyServer, deliveries, delivery_toml, message, route, submit_mx, wait_until
 
 from mailward.sendmail import login_name
 
@@ -96,3 +100,65 @@ def test_queue_commands_explain_a_missing_queue(make_server: MakeServer) -> None
     assert result.stderr == (f"mailward: there is no queue at {never_started.queue_path}; check queue.path "
                              "in the configuration (--config), or start the server once to create it.\n")
     assert not never_started.queue_path.exists()
+
+
+def sent_within(server: MailwardServer, rcpt: str, seconds: float) -> dict[str, str]:
+    """The delivery line of `rcpt`, which must be logged within `seconds` (not after the backoff)."""
+    wait_until(lambda: any(d["rcpt"] == rcpt and d["status"] == "sent" for d in deliveries(server)),
+               timeout=seconds, what=f"delivery to {rcpt}")
+    [line] = [d for d in deliveries(server) if d["rcpt"] == rcpt and d["status"] == "sent"]
+    return line
+
+
+def test_retry_and_flush_make_the_running_server_deliver_now(make_server: MakeServer) -> None:
+    closed = free_port()  # nothing listens there: that recipient stays deferred throughout
+    with PickyServer() as busy:  # answers soft-* with 450 4.2.1 and offers no STARTTLS
+        sender = make_server(deliver=True, extra_toml=delivery_toml(
+            route("far.test", f"[127.0.0.1]:{busy.port}"), route("nowhere.test", f"[127.0.0.1]:{closed}"),
+            relay=("far.test", "nowhere.test")))
+        submit_mx(sender, "sender@back.test", ["soft-a@far.test", "z@nowhere.test"], message("r1"))
+        submit_mx(sender, "sender@back.test", ["soft-b@far.test"], message("r2"))
+
+        def attempted() -> bool:
+            return all(r["attempts"] for m in queue_json(sender, "list") for r in m["recipients"])
+
+        wait_until(attempted, what="the first attempts")
+    first, second = queue_json(sender, "list")
+    soft_a, nowhere = first["recipients"]
+    assert soft_a["status"] == "deferred" and soft_a["reason"].startswith("450 4.2.1 ")
+    assert soft_a["tls"] == {"protocol": None, "cipher": None, "verified": False, "policy": "may",
+                             "failure": "STARTTLS not offered"}
+    assert nowhere["status"] == "deferred" and "4.4.1 connect to" in nowhere["reason"]
+    assert nowhere["tls"] is None  # no host answered: there is no TLS to speak of
+    assert soft_a["next_attempt_at"] - time.time() > 200  # the backoff would wait minutes
+
+    # The peer now takes the mail, over STARTTLS: a second mailward on the same port.
+    receiver = make_server(mx=busy.port, extra_toml='relay_domains = ["far.test"]\n')
+    retried = queue(sender, "retry", first["id"])
+    assert (retried.stdout, retried.stderr) == (f"{first['id']}: due now\n", "")
+    # The server polls for others' changes every second; the bound leaves room for a loaded machine.
+    sent_within(sender, "soft-a@far.test", 5)
+    [m] = [m for m in queue_json(sender, "list") if m["id"] == first["id"]]
+    soft_a = m["recipients"][0]
+    assert soft_a["status"] == "delivered" and soft_a["reason"].startswith("250 ") and soft_a["attempts"] == 2
+    tls = soft_a["tls"]
+    assert re.fullmatch(r"TLSv1\.[23]", tls["protocol"]) and tls["cipher"]
+    assert (tls["verified"], tls["policy"], tls["failure"]) == (False, "may", None)
+    shown = queue(sender, "show", first["id"]).stdout
+    assert f"{tls['protocol']}/{tls['cipher']}/unverified (may)" in shown
+    [later] = [m for m in queue_json(sender, "list") if m["id"] == second["id"]]
+    assert later["recipients"][0]["attempts"] == 1  # a retry of one message leaves the others be
+
+    flushed = queue(sender, "flush")
+    assert (flushed.stdout, flushed.stderr) == ("2 messages due now\n", "")
+    line = sent_within(sender, "soft-b@far.test", 5)
+    assert line["tls"] == f"{tls['protocol']}/{tls['cipher']}/unverified"
+    assert second["id"] not in [m["id"] for m in queue_json(sender, "list")]  # done: it left the queue
+    assert sorted(r["address"] for m in queue_json(receiver, "list") for r in m["recipients"]) == [
+        "soft-a@far.test", "soft-b@far.test"]
+
+    sender.stop()
+    flushed = queue(sender, "flush")  # z@nowhere.test is still deferred
+    assert flushed.stdout == "1 message due now\n"
+    assert flushed.stderr == (f"mailward: no running mailward found ({sender.pid_path} is missing or "
+                              "stale); the change is stored and takes effect when it starts.\n")

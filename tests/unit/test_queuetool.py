@@ -6,6 +6,8 @@ import asyncio
 import json
 import re
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ import pytest
 
 from mailward import queuetool
 from mailward.cli import build_parser
-from mailward.queue import Envelope, Recipient, RecipientResult, StoredMessage, TlsFacts
+from mailward.queue import Envelope, Recipient, RecipientResult, StoredMessage, TlsFacts, TlsVerdict
 from mailward.queue.sqlite import SqliteQueue
 from mailward.queuetool import format_age, printable
 
@@ -26,6 +28,9 @@ RETRY_IN = 20_000.0  # seconds from fill time to a deferred recipient's next att
 MESSAGE_KEYS = {"id", "size", "created_at", "sender", "held", "hold_reason", "recipients"}
 RECIPIENT_KEYS = {"address", "status", "reason", "attempts", "next_attempt_at", "tls"}
 STATUSES = {"queued", "deferred", "delivered", "failed", "held"}
+TLS_KEYS = {"protocol", "cipher", "verified", "policy", "failure"}
+PLAINTEXT = TlsVerdict(policy="may", failure="STARTTLS not offered")
+VERIFIED = TlsVerdict(protocol="TLSv1.3", cipher="TLS_AES_256_GCM_SHA384", verified=True, policy="verify")
 
 
 def run_async(test: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -73,12 +78,12 @@ async def fill(path: Path) -> Filled:
                                headers=b"Subject: =?utf-8?q?caf=C3=A9?=\r\nX-Evil: \x1b[31mred\r\n")
         [m] = await q.lease("worker", time.time(), 10, 60)
         await q.record_attempt(deferred, "worker", {
-            "bob@example.net": RecipientResult("deferred", "451 4.7.1 \x1b[2Jtry later", next_at),
+            "bob@example.net": RecipientResult("deferred", "451 4.7.1 \x1b[2Jtry later", next_at, PLAINTEXT),
         }, time.time())
         partial = await store(q, ("carol@example.com", "dave@example.com"))
         [m] = await q.lease("worker", time.time(), 10, 60)
         await q.record_attempt(partial, "worker", {
-            "carol@example.com": RecipientResult("delivered", "250 2.0.0 ok"),
+            "carol@example.com": RecipientResult("delivered", "250 2.0.0 ok", tls=VERIFIED),
             "dave@example.com": RecipientResult("deferred", "421 4.4.2 timeout", next_at)}, time.time())
         active = await store(q, ("erin@example.com",))
         [m] = await q.lease("worker", time.time(), 10, 2 * AGE)  # still "in delivery" when the tool looks
@@ -155,16 +160,21 @@ def test_list_json_schema(filled: Filled, capsys: pytest.CaptureFixture[str]) ->
             assert set(r) == RECIPIENT_KEYS
             assert r["status"] in STATUSES
             assert isinstance(r["attempts"], int)
-            assert r["tls"] is None  # the queue does not record the TLS of an attempt yet
+            assert r["tls"] is None or set(r["tls"]) == TLS_KEYS
     by_id = {m["id"]: m for m in data}
     [bob] = by_id[filled.deferred]["recipients"]
     assert bob == {"address": "bob@example.net", "status": "deferred", "reason": "451 4.7.1 \x1b[2Jtry later",
-                   "attempts": 1, "next_attempt_at": filled.next_at, "tls": None}
+                   "attempts": 1, "next_attempt_at": filled.next_at,
+                   "tls": {"protocol": None, "cipher": None, "verified": False, "policy": "may",
+                           "failure": "STARTTLS not offered"}}
     carol, dave = by_id[filled.partial]["recipients"]
     assert (carol["status"], carol["next_attempt_at"], dave["status"]) == ("delivered", None, "deferred")
+    assert carol["tls"] == {"protocol": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384", "verified": True,
+                            "policy": "verify", "failure": None}
+    assert dave["tls"] is None  # its attempt reached no host
     frank, grace = by_id[filled.failed]["recipients"]
     assert (frank["status"], frank["reason"], frank["attempts"]) == ("failed", "550 5.1.1 no such user", 1)
-    assert (grace["status"], grace["reason"], grace["attempts"]) == ("queued", None, 0)
+    assert (grace["status"], grace["reason"], grace["attempts"], grace["tls"]) == ("queued", None, 0, None)
     assert by_id[filled.queued]["sender"] == ""
     held = by_id[filled.held]
     assert (held["held"], held["hold_reason"], held["recipients"][0]["status"]) == (True, "operator", "held")
@@ -231,6 +241,17 @@ def test_not_a_queue(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
         assert "is not a mailward queue" in capsys.readouterr().err
 
 
+def test_an_older_schema_asks_for_the_server_to_upgrade_it(filled: Filled,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    with sqlite3.connect(filled.path) as conn:
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
+    conn.close()
+    assert tool(filled.path, "list") == 2
+    assert capsys.readouterr().err == (
+        f"mailward: {filled.path} has queue schema 1, older than this mailward's 2; start the server "
+        "once (mailward serve) to upgrade it.\n")
+
+
 # --- show ----------------------------------------------------------------------------------------
 
 
@@ -245,8 +266,9 @@ def test_show_human(filled: Filled, capsys: pytest.CaptureFixture[str]) -> None:
     assert "TLS:           TLSv1.3, TLS_AES_128_GCM_SHA256, 128 bits\n" in out
     assert "State:         waiting\n" in out
     recipients = out.split("Recipients:\n")[1].split("\n\n")[0].splitlines()
-    assert recipients[0].split() == ["ADDRESS", "STATUS", "ATTEMPTS", "NEXT", "TRY", "REASON"]
+    assert recipients[0].split() == ["ADDRESS", "STATUS", "ATTEMPTS", "NEXT", "TRY", "TLS", "REASON"]
     assert recipients[1].split()[:3] == ["bob@example.net", "deferred", "1"]
+    assert " none (may)  451 4.7.1 " in recipients[1]
     headers = out.split("Headers:\n")[1]
     assert "  Subject: =?utf-8?q?caf=C3=A9?=\n" in headers
     assert "  X-Evil: \\x1b[31mred\n" in headers and "\x1b" not in out
@@ -332,13 +354,97 @@ def test_hold_keeps_the_stored_status_for_release(filled: Filled, capsys: pytest
     assert [r["status"] for r in m["recipients"]] == ["delivered", "deferred"]
 
 
-def test_retry_and_flush_change_nothing(filled: Filled, capsys: pytest.CaptureFixture[str]) -> None:
+def test_show_tls_of_the_last_attempt(filled: Filled, capsys: pytest.CaptureFixture[str]) -> None:
+    assert tool(filled.path, "show", filled.partial, now=filled.now) == 0
+    out = capsys.readouterr().out
+    carol, dave = out.split("Recipients:\n")[1].split("\n\n")[0].splitlines()[1:]
+    assert "  TLSv1.3/TLS_AES_256_GCM_SHA384/verified (verify)  250 2.0.0 ok" in carol
+    assert re.search(r"deferred +1 +in [0-9hms ]+ +- +421 4.4.2 timeout", dave), dave
+
+
+# --- retry and flush -----------------------------------------------------------------------------
+
+
+def test_retry_makes_deferred_recipients_due_now(filled: Filled, capsys: pytest.CaptureFixture[str]) -> None:
+    now = filled.now
+    assert tool(filled.path, "retry", filled.deferred.lower(), now=now) == 0
+    assert capsys.readouterr().out == f"{filled.deferred}: due now\n"
+    message = stored(filled.path, filled.deferred)
+    assert message is not None
+    [bob] = message.recipients
+    assert (bob.status, bob.attempts, bob.next_attempt_at, bob.tls) == ("deferred", 1, now, PLAINTEXT)
+
+    status, [m] = tool_json(capsys, filled.path, "retry", filled.partial, now=now)
+    assert status == 0 and m["id"] == filled.partial
+    assert [(r["status"], r["next_attempt_at"]) for r in m["recipients"]] == [("delivered", None),
+                                                                             ("deferred", now)]
+    held = stored(filled.path, filled.held)
+    assert held is not None and held.recipients[0].next_attempt_at is not None
+
+
+def test_retry_refuses_held_and_unknown_messages(filled: Filled, capsys: pytest.CaptureFixture[str]) -> None:
     before = [m.recipients for m in run_async(lambda: _all(filled.path))]
-    for argv in (("flush",), ("retry", filled.deferred)):
-        assert tool(filled.path, *argv) == 1
-        err = capsys.readouterr().err
-        assert err.startswith(f"mailward: queue {argv[0]} is not available yet:") and err.count("\n") == 1
+    assert tool(filled.path, "retry", filled.held, "0000000000000Z", now=filled.now) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"mailward: message {filled.held} is on hold; release it to deliver it (mailward queue release "
+        f"{filled.held}).\nmailward: message 0000000000000Z is not in the queue (delivered, bounced or "
+        "deleted).\n")
     assert [m.recipients for m in run_async(lambda: _all(filled.path))] == before
+
+
+def test_flush_makes_everything_not_held_due(filled: Filled, capsys: pytest.CaptureFixture[str]) -> None:
+    now = filled.now
+    held_before = stored(filled.path, filled.held)
+    assert tool(filled.path, "flush", now=now) == 0
+    assert capsys.readouterr().out == "5 messages due now; 1 held message left on hold\n"
+    for message in run_async(lambda: _all(filled.path)):
+        if message.held:
+            assert message == held_before
+            continue
+        for r in message.pending:
+            assert r.next_attempt_at is not None and r.next_attempt_at <= now, (message.id, r)
+    active = stored(filled.path, filled.active)
+    assert active is not None and active.lease_expires_at is not None  # its worker keeps it
+
+    status, data = tool_json(capsys, filled.path, "flush", now=now)
+    assert status == 0
+    assert [m["id"] for m in data] == [filled.deferred, filled.partial, filled.active, filled.failed,
+                                       filled.queued]
+
+
+def test_retry_and_flush_say_when_no_server_will_act(filled: Filled, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    pid_file = tmp_path / "mailward.pid"
+    server = queuetool.Server(pid_file)
+
+    def flush(server: queuetool.Server) -> str:
+        args = build_parser().parse_args(["queue", "flush"])
+        assert queuetool.run(args, filled.path, server=server) == 0
+        return capsys.readouterr().err
+
+    stale = ("mailward: no running mailward found "
+             f"({pid_file} is missing or stale); the change is stored and takes effect when it starts.\n")
+    assert flush(server) == stale
+    # A live process that is not mailward: the number was reused after a crash.
+    with subprocess.Popen(["sleep", "30"]) as other:
+        pid_file.write_text(f"{other.pid}\n")
+        try:
+            assert flush(server) == stale
+        finally:
+            other.kill()
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "mailward", "serve"]) as srv:
+        pid_file.write_text(f"{srv.pid}\n")
+        try:
+            assert flush(server) == ""  # it sees the change by itself
+            assert flush(queuetool.Server(pid_file, delivery_enabled=False)) == (
+                "mailward: delivery is disabled (delivery.enabled = false); the messages are sent once it "
+                "is enabled.\n")
+        finally:
+            srv.kill()
+    pid_file.write_text("garbage\n")
+    assert flush(server) == stale
 
 
 async def _all(path: Path) -> list[StoredMessage]:

@@ -33,7 +33,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from mailward.config import Config, ConfigError, DeliveryConfig
@@ -69,6 +69,7 @@ from mailward.queue import (
     RecipientState,
     ResultStatus,
     StoredMessage,
+    TlsVerdict,
 )
 from mailward.reports.dsn import Action, RecipientReport, build_dsn, returns_whole_message, wanted
 
@@ -305,6 +306,15 @@ class _Outcome:
     relay: str  # host[ip]:port, "local", "lmtp[...]" or "none"
     tls: TlsOutcome
     remote_mta: str | None = None
+    policy: str | None = None  # the TLS security level of an SMTP attempt; None for local delivery
+
+    def verdict(self) -> TlsVerdict | None:
+        """What the queue keeps as the TLS of this attempt; None unless it reached an SMTP host."""
+        tls = self.tls
+        if self.policy is None or (self.relay == "none" and not tls.active and tls.failure is None):
+            return None
+        return TlsVerdict(protocol=tls.protocol, cipher=tls.cipher, verified=tls.verified,
+                          policy=self.policy, failure=tls.failure)
 
 
 @dataclass(eq=False, slots=True)
@@ -329,10 +339,11 @@ class _Job:
 
 
 class _NoHost(Exception):
-    def __init__(self, reply: str, tls: TlsOutcome) -> None:
+    def __init__(self, reply: str, tls: TlsOutcome, policy: str | None = None) -> None:
         super().__init__(reply)
         self.reply = reply
         self.tls = tls
+        self.policy = policy
 
 
 class _Gate:
@@ -570,10 +581,10 @@ class Deliverer:
                         await self._finish(job.work)
 
     def _set_missing(self, job: _Job, outcome: RecipientOutcome, relay: str = "none",
-                     tls: TlsOutcome | None = None) -> None:
+                     tls: TlsOutcome | None = None, policy: str | None = None) -> None:
         for r in job.recipients:
             if r.address not in job.work.outcomes:
-                job.work.outcomes[r.address] = _Outcome(outcome, relay, tls or TlsOutcome())
+                job.work.outcomes[r.address] = _Outcome(outcome, relay, tls or TlsOutcome(), policy=policy)
 
     async def _deliver_remote(self, destination: Destination, jobs: list[_Job]) -> None:
         facts_or_refusal = await self._route_facts(destination)
@@ -641,7 +652,7 @@ class Deliverer:
                             gate.failure()
                             while pending:
                                 job = pending.popleft()
-                                self._set_missing(job, _deferral(exc.reply), "none", exc.tls)
+                                self._set_missing(job, _deferral(exc.reply), "none", exc.tls, exc.policy)
                             return
                         gate.success()
                         try:
@@ -660,6 +671,7 @@ class Deliverer:
 
     async def _connect(self, decision: Plan, settings: AttemptSettings) -> Session:
         last: AttemptError | None = None
+        last_policy: str | None = None
         skipped: list[Candidate] = []
         for candidate in decision.candidates:
             if self.dead.is_dead(candidate.address, candidate.port, self.clock()):
@@ -680,9 +692,9 @@ class Deliverer:
                     error = exc
                     if exc.dead:
                         self.dead.mark(candidate.address, candidate.port, self.clock())
-            last = error
+            last, last_policy = error, candidate.tls.level.value
         if last is not None:
-            raise _NoHost(last.reply, last.tls)
+            raise _NoHost(last.reply, last.tls, last_policy)
         names = ", ".join(c.relay for c in skipped)
         raise _NoHost(f"4.4.1 all mail hosts were unreachable recently, not retried yet: {names}",
                       TlsOutcome())
@@ -702,7 +714,8 @@ class Deliverer:
                 job.work.corrupt = True
                 continue
             for address, outcome in outcomes.items():
-                job.work.outcomes[address] = _Outcome(outcome, relay, session.tls, session.candidate.host)
+                job.work.outcomes[address] = _Outcome(outcome, relay, session.tls, session.candidate.host,
+                                                      session.candidate.tls.level.value)
             if not session.usable:
                 return
 
@@ -794,7 +807,7 @@ class Deliverer:
                 if s.result.status == "failed":
                     retry = RecipientResult("deferred", s.result.reply, now + self.dc.retry_initial)
                     settled[address] = (Settled(retry, None, "deferred", s.enhanced), o)
-        results = {address: s.result for address, (s, _) in settled.items()}
+        results = {address: replace(s.result, tls=o.verdict()) for address, (s, o) in settled.items()}
         try:
             await self.queue.record_attempt(message.id, self.owner, results, now)
         except LeaseLost:
@@ -863,5 +876,3 @@ def _deferral(reply: str) -> RecipientOutcome:
     status = reply.split(" ", 1)[0]
     return RecipientOutcome("deferred", reply, status if re.fullmatch(r"[245]\.\d{1,3}\.\d{1,3}", status)
                             else "4.0.0")
-
-

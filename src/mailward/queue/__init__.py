@@ -18,7 +18,7 @@ import json
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Protocol, Self, get_args
@@ -40,6 +40,7 @@ __all__ = [
     "ResultStatus",
     "StoredMessage",
     "TlsFacts",
+    "TlsVerdict",
     "Transaction",
     "new_queue_id",
 ]
@@ -266,6 +267,51 @@ class Recipient:
             raise ValueError("NOTIFY=NEVER cannot be combined with other values")
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TlsVerdict:
+    """The TLS of one outbound delivery attempt, kept per recipient for `queue list` and reports.
+
+    Stored as a JSON object. Readers ignore keys they do not know, so later verdicts (which DANE
+    usage matched, the MTA-STS policy id) can add fields without a schema change.
+    """
+
+    protocol: str | None = None  # e.g. "TLSv1.3"; None: the attempt ran without TLS
+    cipher: str | None = None
+    verified: bool = False  # the peer was authenticated as `policy` asks (PKIX or DANE)
+    policy: str | None = None  # the effective security level: "none", "may", "encrypt", "verify", ...
+    failure: str | None = None  # why TLS was not used, or how it failed
+
+    def summary(self) -> str:
+        """As the delivery log writes it: ``TLSv1.3/TLS_AES_256_GCM_SHA384/verified`` or ``none``."""
+        if self.protocol is None:
+            return "none"
+        return f"{self.protocol}/{self.cipher}/{'verified' if self.verified else 'unverified'}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"protocol": self.protocol, "cipher": self.cipher, "verified": self.verified,
+                "policy": self.policy, "failure": self.failure}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> TlsVerdict:
+        """Parse `to_json` output (or a later version's); ValueError if a known key is malformed."""
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise TypeError("not an object")
+            return cls(
+                protocol=_optional(data.get("protocol"), str),
+                cipher=_optional(data.get("cipher"), str),
+                verified=_typed(data.get("verified", False), bool),
+                policy=_optional(data.get("policy"), str),
+                failure=_optional(data.get("failure"), str),
+            )
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"malformed TLS verdict: {exc}") from exc
+
+
 @dataclass(frozen=True, slots=True)
 class RecipientState:
     """A recipient and where its delivery stands.
@@ -281,6 +327,7 @@ class RecipientState:
     next_attempt_at: float | None = None  # None once final
     last_reply: str | None = None
     last_attempt_at: float | None = None
+    tls: TlsVerdict | None = None  # of the last attempt; None before one, or when none was made
 
     @property
     def is_final(self) -> bool:
@@ -294,6 +341,7 @@ class RecipientResult:
     status: ResultStatus
     reply: str  # the remote reply (or our own diagnosis) for logs and DSNs
     next_attempt_at: float | None = None  # required for "deferred", absent otherwise
+    tls: TlsVerdict | None = None  # None when no connection got as far as TLS (local, DNS failure)
 
     def __post_init__(self) -> None:
         if self.status not in get_args(ResultStatus):
@@ -404,6 +452,12 @@ class Queue(Protocol):
         updated message, or None when every recipient is final and the message was removed."""
         ...
 
+    async def retry(self, ids: Sequence[str] | None, now: float) -> int:
+        """Make every pending recipient of the messages `ids` (None: of every message) due at `now`,
+        without counting an attempt; held messages are left alone. Returns how many messages are
+        now due, or already in delivery (an operator's `queue retry`, or `queue flush`)."""
+        ...
+
     async def hold(self, id: str) -> bool:
         """Stop delivering a message until released; False if there is no such message."""
         ...
@@ -434,7 +488,8 @@ class Queue(Protocol):
         ...
 
     async def wait_for_work(self, timeout: float | None) -> bool:
-        """Wait until a commit or release may have made work; False if `timeout` passed first."""
+        """Wait until a commit, release or retry may have made work, including one made by another
+        process (the `mailward queue` tool); False if `timeout` passed first."""
         ...
 
     async def close(self) -> None: ...

@@ -15,6 +15,12 @@ to get subtly wrong with a generic store:
   cost one fsync, not fifty. One failing message does not fail its batch: the writer rolls the
   batch back and runs the others again without it.
 
+Other processes may change the file too: `mailward queue` retries, releases and deletes through
+its own connection. The writer notices within `watch_interval` seconds (PRAGMA data_version of
+its connection changes only when another connection commits) and wakes `wait_for_work`, so the
+running deliverer acts on an operator's `queue flush` at once rather than after its backoff. The
+tool needs no signal, pid file or permission over the server process for this.
+
 The asyncio loop never touches the disk for anything slower than a page-cache write: changes go
 through the writer thread, reads through a small pool of read-only connections.
 """
@@ -35,7 +41,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,9 +159,12 @@ class SqliteQueue:
         max_batch_bytes: int = 64 * _KIB * _KIB,
         read_threads: int = 2,
         busy_timeout: float = 10.0,
+        watch_interval: float = 1.0,
     ) -> None:
         if chunk_size <= 0 or spool_threshold < 0 or max_batch <= 0 or read_threads <= 0:
             raise ValueError("chunk_size, max_batch and read_threads must be positive")
+        if watch_interval <= 0:
+            raise ValueError("watch_interval must be positive")
         self.path = Path(path)
         # Named after the database, not a bare "tmp", because it is emptied at open: a generic
         # name beside a user-chosen path could belong to someone else.
@@ -167,6 +176,9 @@ class SqliteQueue:
         self.stats = SqliteQueueStats()
         self._read_threads = read_threads
         self._busy_timeout = busy_timeout
+        self.watch_interval = watch_interval  # how often the idle writer looks for others' commits
+        self._data_version: int | None = None
+        self._watched_at = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._work: asyncio.Event | None = None
         self._writer: threading.Thread | None = None
@@ -195,6 +207,7 @@ class SqliteQueue:
         max_batch_bytes: int = 64 * _KIB * _KIB,
         read_threads: int = 2,
         busy_timeout: float = 10.0,
+        watch_interval: float = 1.0,
     ) -> SqliteQueue:
         """Open the queue at `path`, creating the database and its directory if needed."""
         queue = cls(
@@ -205,6 +218,7 @@ class SqliteQueue:
             max_batch_bytes=max_batch_bytes,
             read_threads=read_threads,
             busy_timeout=busy_timeout,
+            watch_interval=watch_interval,
         )
         await queue._start()
         return queue
@@ -320,9 +334,13 @@ class SqliteQueue:
         return future
 
     def _take_batch(self) -> builtins.list[_Op[Any]] | None:
+        """The next batch; [] when it is time to look for other processes' commits; None to stop."""
         with self._cond:
             while not self._pending and not self._stopping:
-                self._cond.wait()
+                wait = self._watched_at + self.watch_interval - time.monotonic()
+                if wait <= 0:
+                    return []
+                self._cond.wait(wait)
             if not self._pending:
                 return None
             batch: builtins.list[_Op[Any]] = []
@@ -340,6 +358,10 @@ class SqliteQueue:
         assert conn is not None
         try:
             while (batch := self._take_batch()) is not None:
+                if time.monotonic() >= self._watched_at + self.watch_interval:
+                    self._watch(conn)
+                if not batch:
+                    continue
                 try:
                     self._run_batch(conn, batch)
                 except BaseException as exc:  # a bug here must not strand every waiting session
@@ -357,6 +379,24 @@ class SqliteQueue:
                     self._loop.call_soon_threadsafe(self._settle, batch)
         finally:
             conn.close()
+
+    def _watch(self, conn: sqlite3.Connection) -> None:
+        self._watched_at = time.monotonic()
+        try:
+            version = int(conn.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.Error as exc:
+            log.warning("queue writer cannot check for changes by other processes: %s", exc)
+            return
+        changed = self._data_version is not None and version != self._data_version
+        self._data_version = version
+        if changed:
+            assert self._loop is not None
+            with contextlib.suppress(RuntimeError):  # loop already closed: nobody is waiting
+                self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        if self._work is not None:
+            self._work.set()
 
     def _run_batch(self, conn: sqlite3.Connection, batch: builtins.list[_Op[Any]]) -> None:
         durable = any(op.durable for op in batch)
@@ -534,6 +574,10 @@ class SqliteQueue:
 
     async def release(self, id: str) -> bool:
         return await self._submit(functools.partial(store.release, id=id), wakes=True)
+
+    async def retry(self, ids: Sequence[str] | None, now: float) -> int:
+        chosen = None if ids is None else tuple(ids)
+        return len(await self._submit(functools.partial(store.retry, ids=chosen, now=now), wakes=True))
 
     async def delete(self, id: str) -> bool:
         return await self._submit(functools.partial(store.delete, id=id))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -28,11 +29,18 @@ from mailward.queue import (
     RecipientResult,
     RecipientState,
     StoredMessage,
+    TlsVerdict,
 )
 
 log = logging.getLogger("mailward.queue")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# Statements that bring a database of schema N up to N + 1, run at open inside the transaction
+# that records the new version, so a crash leaves either schema, never a mix.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: ("ALTER TABLE recipient ADD COLUMN tls TEXT",),
+}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -69,6 +77,7 @@ CREATE TABLE IF NOT EXISTS recipient (
     next_attempt_at REAL,
     last_reply TEXT,
     last_attempt_at REAL,
+    tls TEXT,                        -- TlsVerdict.to_json() of the last attempt, or NULL
     PRIMARY KEY (message_id, seq)
 ) WITHOUT ROWID;
 
@@ -83,19 +92,30 @@ CREATE TABLE IF NOT EXISTS message_body (
 
 _STORED_STATUSES = frozenset({"queued", "deferred", "delivered", "failed"})
 _MESSAGE_COLUMNS = "id, envelope, size, digest, created_at, lease_owner, lease_expires_at, held, hold_reason"
-_RECIPIENT_COLUMNS = "address, notify, orcpt, status, attempts, next_attempt_at, last_reply, last_attempt_at"
+_RECIPIENT_COLUMNS = (
+    "address, notify, orcpt, status, attempts, next_attempt_at, last_reply, last_attempt_at, tls")
+_IN_CHUNK = 500  # ids per IN (...) list, well under SQLite's limit on bound parameters
 
 
 def create_schema(conn: sqlite3.Connection, path: Path) -> None:
-    """Create the tables if missing; refuse a database written by a newer schema."""
+    """Create the tables if missing, upgrade an older schema, refuse a newer one."""
     conn.executescript(f"BEGIN IMMEDIATE; {SCHEMA} COMMIT;")
     conn.execute("BEGIN IMMEDIATE")
     try:
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
         if row is None:
             conn.execute("INSERT INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-        elif row[0] != str(SCHEMA_VERSION):
-            raise QueueError(f"{path} has queue schema {row[0]}; this mailward reads schema {SCHEMA_VERSION}")
+        else:
+            version = int(row[0]) if str(row[0]).isdigit() else -1
+            if version != SCHEMA_VERSION and version not in MIGRATIONS:
+                raise QueueError(f"{path} has queue schema {row[0]}; this mailward reads schema "
+                                 f"{SCHEMA_VERSION}")
+            if version < SCHEMA_VERSION:
+                for step in range(version, SCHEMA_VERSION):
+                    for statement in MIGRATIONS[step]:
+                        conn.execute(statement)
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
+                log.info("%s: queue schema upgraded from %d to %d", path, version, SCHEMA_VERSION)
         conn.execute("COMMIT")
     finally:
         if conn.in_transaction:
@@ -142,7 +162,7 @@ def insert_message(conn: sqlite3.Connection, record: NewMessage, chunk_size: int
     )
     conn.executemany(
         f"INSERT INTO recipient (message_id, seq, {_RECIPIENT_COLUMNS})"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             (
                 record.id,
@@ -153,6 +173,7 @@ def insert_message(conn: sqlite3.Connection, record: NewMessage, chunk_size: int
                 "queued",
                 0,
                 record.created_at,
+                None,
                 None,
                 None,
             )
@@ -236,10 +257,20 @@ def record_attempt(
         if state.is_final:
             raise ValueError(f"recipient {address!r} of message {id} is already {state.status}")
     for address, result in results.items():
+        # The verdict of this attempt replaces the last one even when it is None: a listing
+        # must not pair a new reply with the TLS of an older connection.
         conn.execute(
             "UPDATE recipient SET status = ?, attempts = attempts + 1, next_attempt_at = ?,"
-            " last_reply = ?, last_attempt_at = ? WHERE message_id = ? AND seq = ?",
-            (result.status, result.next_attempt_at, result.reply, now, id, seq_of[address]),
+            " last_reply = ?, last_attempt_at = ?, tls = ? WHERE message_id = ? AND seq = ?",
+            (
+                result.status,
+                result.next_attempt_at,
+                result.reply,
+                now,
+                None if result.tls is None else result.tls.to_json(),
+                id,
+                seq_of[address],
+            ),
         )
     pending, due = conn.execute(
         "SELECT count(*), min(next_attempt_at) FROM recipient"
@@ -256,6 +287,38 @@ def record_attempt(
     (updated,) = read_messages(conn, "id = ?", (id,))
     assert isinstance(updated, StoredMessage)  # decoded above; only recipient columns changed
     return updated
+
+
+def retry(conn: sqlite3.Connection, ids: Sequence[str] | None, now: float) -> list[str]:
+    """Make the pending recipients of unheld messages `ids` (None: all) due at `now`; returns
+    the ids of the messages that are now due (or in delivery), in id order."""
+    if ids is None:
+        chunks: list[tuple[str, tuple[Any, ...]]] = [("held = 0", ())]
+    else:
+        unique = sorted(set(ids))
+        chunks = [
+            (f"held = 0 AND id IN ({','.join('?' * len(part))})", tuple(part))
+            for part in (unique[i : i + _IN_CHUNK] for i in range(0, len(unique), _IN_CHUNK))
+        ]
+    due: list[str] = []
+    for where, args in chunks:
+        due += [row[0] for row in conn.execute(f"SELECT id FROM message WHERE {where} ORDER BY id", args)]
+        conn.execute(
+            "UPDATE recipient SET next_attempt_at = ? WHERE status IN ('queued', 'deferred')"
+            " AND (next_attempt_at IS NULL OR next_attempt_at > ?)"
+            f" AND message_id IN (SELECT id FROM message WHERE {where})",
+            (now, now, *args),
+        )
+        # A leased message keeps its lease expiry as next_attempt_at: the worker that holds it
+        # records its attempt, and record_attempt then finds the other recipients due.
+        conn.execute(
+            f"UPDATE message SET next_attempt_at = ? WHERE {where}"
+            " AND (lease_expires_at IS NULL OR lease_expires_at <= ?)"
+            " AND (next_attempt_at IS NULL OR next_attempt_at > ?)",
+            (now, *args, now, now),
+        )
+    due.sort()
+    return due
 
 
 def flag_corrupt(conn: sqlite3.Connection, id: str, detail: str) -> None:
@@ -317,7 +380,8 @@ def _decode_message(row: tuple[Any, ...], recipient_rows: list[tuple[Any, ...]])
         raise ValueError("no recipients")
     recipients = []
     for recipient_row in recipient_rows:
-        address, notify, orcpt, status, attempts, next_attempt_at, last_reply, last_attempt_at = recipient_row
+        address, notify, orcpt, status, attempts, next_attempt_at, last_reply, last_attempt_at, tls = (
+            recipient_row)
         if status not in _STORED_STATUSES:
             raise ValueError(f"unknown recipient status {status!r}")
         recipients.append(
@@ -332,6 +396,7 @@ def _decode_message(row: tuple[Any, ...], recipient_rows: list[tuple[Any, ...]])
                 next_attempt_at=next_attempt_at,
                 last_reply=last_reply,
                 last_attempt_at=last_attempt_at,
+                tls=None if tls is None else TlsVerdict.from_json(tls),
             )
         )
     return StoredMessage(

@@ -16,14 +16,15 @@ from mailward.delivery import (
     DeadHosts,
     Deliverer,
     SlowStart,
+    _Outcome,
     backoff,
     due_recipients,
     group_by_destination,
     read_smarthost_credentials,
     settle,
 )
-from mailward.delivery.attempt import RecipientOutcome
-from mailward.queue import Envelope, Recipient, RecipientState, StoredMessage
+from mailward.delivery.attempt import RecipientOutcome, TlsOutcome
+from mailward.queue import Envelope, Recipient, RecipientState, StoredMessage, TlsVerdict
 from mailward.queue.sqlite import SqliteQueue
 
 DAY = 86400.0
@@ -208,6 +209,24 @@ def test_smarthost_password_file(tmp_path: Path) -> None:
     assert read_smarthost_credentials(make_config(tmp_path)) is None
 
 
+def test_the_tls_verdict_kept_in_the_queue() -> None:
+    sent = RecipientOutcome("delivered", "250 2.0.0 ok", "2.0.0")
+    over_tls = TlsOutcome(protocol="TLSv1.3", cipher="TLS_AES_256_GCM_SHA384", verified=False)
+    assert _Outcome(sent, "mx[192.0.2.7]:25", over_tls, "mx", "encrypt").verdict() == TlsVerdict(
+        protocol="TLSv1.3", cipher="TLS_AES_256_GCM_SHA384", verified=False, policy="encrypt")
+    plain = TlsOutcome(failure="STARTTLS not offered")
+    assert _Outcome(sent, "mx[192.0.2.7]:25", plain, "mx", "may").verdict() == TlsVerdict(
+        policy="may", failure="STARTTLS not offered")
+    # No host reached but the handshake failed: that failure is the verdict.
+    failed = TlsOutcome(failure="certificate verify failed")
+    assert _Outcome(DEFER, "none", failed, policy="verify").verdict() == TlsVerdict(
+        policy="verify", failure="certificate verify failed")
+    # Nothing to say: local delivery, or no connection at all (DNS, refused, policy refusal).
+    assert _Outcome(sent, "local", TlsOutcome()).verdict() is None
+    assert _Outcome(sent, "lmtp[/run/lmtp.sock]", TlsOutcome()).verdict() is None
+    assert _Outcome(DEFER, "none", TlsOutcome(), policy="may").verdict() is None
+
+
 # --- the loop, against a real queue ----------------------------------------------------------------------
 
 class Clock:
@@ -272,6 +291,7 @@ def test_deferral_is_recorded_with_backoff_from_the_injected_clock(tmp_path: Pat
         await until(deferred)
         r = recipient(await queue.get(mid), "bob@nowhere.example")
         assert r.attempts == 1 and r.last_reply == "4.4.3 no DNS resolver configured"
+        assert r.tls is None  # no host was reached
         assert r.last_attempt_at is not None and r.next_attempt_at is not None
         assert 270 <= r.next_attempt_at - r.last_attempt_at <= 300
         assert await queue.count() == 1  # nothing else queued: no bounce, no warning

@@ -14,6 +14,7 @@ from mailward.queue import (
     RecipientState,
     StoredMessage,
     TlsFacts,
+    TlsVerdict,
     new_queue_id,
 )
 
@@ -132,3 +133,23 @@ def test_stored_message_pending_and_next_attempt() -> None:
     )
     assert [r.recipient.address for r in message.pending] == ["b@x", "c@x"]
     assert message.next_attempt_at == 20.0
+
+
+def test_tls_verdict_json_round_trip_and_summary() -> None:
+    verdict = TlsVerdict(protocol="TLSv1.3", cipher="TLS_AES_256_GCM_SHA384", verified=True, policy="verify")
+    assert TlsVerdict.from_json(verdict.to_json()) == verdict
+    assert verdict.summary() == "TLSv1.3/TLS_AES_256_GCM_SHA384/verified"
+    plaintext = TlsVerdict(policy="may", failure="STARTTLS not offered")
+    assert TlsVerdict.from_json(plaintext.to_json()) == plaintext
+    assert plaintext.summary() == "none"
+    assert TlsVerdict(protocol="TLSv1.2", cipher="X").summary() == "TLSv1.2/X/unverified"
+
+
+def test_tls_verdict_reads_later_versions_and_rejects_malformed_ones() -> None:
+    # A later mailward may add keys (a DANE usage, an MTA-STS policy id); this one skips them.
+    later = {"protocol": "TLSv1.3", "cipher": "C", "verified": True, "policy": "dane", "dane_usage": 3}
+    assert TlsVerdict.from_json(json.dumps(later)) == TlsVerdict(protocol="TLSv1.3", cipher="C",
+                                                                 verified=True, policy="dane")
+    for bad in ('{"verified": 1}', '{"protocol": 13}', "[]", "null", "{"):
+        with pytest.raises(ValueError, match="malformed TLS verdict"):
+            TlsVerdict.from_json(bad)

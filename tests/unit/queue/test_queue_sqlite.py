@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import sqlite3
@@ -26,8 +27,10 @@ from mailward.queue import (
     Recipient,
     RecipientResult,
     TlsFacts,
+    TlsVerdict,
 )
 from mailward.queue.sqlite import SqliteQueue
+from mailward.queue.sqlite_store import SCHEMA_VERSION
 
 T = TypeVar("T")
 KIB = 1024
@@ -103,7 +106,8 @@ def test_first_open_creates_a_private_wal_database(tmp_path: Path) -> None:
     with sqlite3.connect(db) as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0] == "1"
+        schema = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
+        assert schema == str(SCHEMA_VERSION)
     conn.close()
     assert {"meta", "message", "recipient", "message_body"} <= tables
     assert (tmp_path / "spool" / "queue.db-tmp").is_dir()
@@ -142,6 +146,40 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
 async def _open_and_close(db: Path) -> None:
     queue = await SqliteQueue.open(db)
     await queue.close()
+
+
+def test_a_schema_1_queue_is_upgraded_in_place(tmp_path: Path) -> None:
+    db = tmp_path / "queue.db"
+
+    async def fill() -> str:
+        async with await SqliteQueue.open(db) as queue:
+            return await store(queue)
+
+    message_id = run(fill)
+    # What schema 1 looked like: no TLS verdict per recipient.
+    sql(db, "ALTER TABLE recipient DROP COLUMN tls")
+    sql(db, "UPDATE meta SET value = '1' WHERE key = 'schema'")
+
+    async def reopen() -> None:
+        async with await SqliteQueue.open(db) as queue:
+            message = await queue.get(message_id)
+            assert message is not None and message.recipients[0].tls is None
+            assert len(await queue.lease("w", time.time(), 10, 60.0)) == 1
+            verdict = TlsVerdict(protocol="TLSv1.3", cipher="TLS_AES_128_GCM_SHA256", policy="may")
+            await queue.record_attempt(message_id, "w", {
+                "bob@example.net": RecipientResult("deferred", "451 later", time.time() + 60, verdict)},
+                time.time())
+            stored = await queue.get(message_id)
+            assert stored is not None and stored.recipients[0].tls == verdict
+
+    run(reopen)
+    with sqlite3.connect(db) as conn:
+        schema = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
+    conn.close()
+    assert schema == str(SCHEMA_VERSION)
+    sql(db, "UPDATE meta SET value = 'x' WHERE key = 'schema'")
+    with pytest.raises(QueueError, match="schema x"):
+        run(lambda: _open_and_close(db))
 
 
 # --- receiving ------------------------------------------------------------------------------------
@@ -550,6 +588,106 @@ def test_close_wakes_an_idle_deliverer(tmp_path: Path) -> None:
         assert await asyncio.wait_for(waiter, 1.0)
         with pytest.raises(QueueError):
             await queue.lease("w", time.time(), 10, 60.0)
+
+    run(test)
+
+
+def test_the_tls_verdict_of_the_last_attempt_is_kept_per_recipient(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    verified = TlsVerdict(protocol="TLSv1.3", cipher="TLS_AES_256_GCM_SHA384", verified=True, policy="verify")
+    plaintext = TlsVerdict(policy="may", failure="STARTTLS not offered")
+
+    async def attempt(queue: SqliteQueue, message_id: str, results: dict[str, RecipientResult]) -> None:
+        (leased,) = await queue.lease("w", time.time() + 3600, 10, 60.0)
+        assert leased.id == message_id
+        await queue.record_attempt(message_id, "w", results, time.time())
+
+    async def test() -> str:
+        async with await SqliteQueue.open(db) as queue:
+            message_id = await store(queue, b"x\r\n", ["a@example.net", "b@example.net", "c@example.net"])
+            later = time.time() + 600
+            await attempt(queue, message_id, {
+                "a@example.net": RecipientResult("delivered", "250 ok", tls=verified),
+                "b@example.net": RecipientResult("deferred", "451 4.3.0 later", later, plaintext)})
+            message = await queue.get(message_id)
+            assert message is not None
+            assert [r.tls for r in message.recipients] == [verified, plaintext, None]
+            # The next attempt never reached a host: its verdict (none) replaces the older one.
+            await attempt(queue, message_id, {
+                "b@example.net": RecipientResult("deferred", "451 4.4.3 DNS failed", later)})
+            message = await queue.get(message_id)
+            assert message is not None and [r.tls for r in message.recipients] == [verified, None, None]
+            return message_id
+
+    message_id = run(test)
+    with sqlite3.connect(db) as conn:
+        stored = conn.execute("SELECT tls FROM recipient WHERE message_id = ? AND seq = 0",
+                              (message_id,)).fetchone()[0]
+    conn.close()
+    assert json.loads(stored) == {"protocol": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384",
+                                  "verified": True, "policy": "verify", "failure": None}
+
+
+def test_retry_makes_pending_recipients_due_without_counting_an_attempt(tmp_path: Path) -> None:
+    async def test() -> None:
+        async with await SqliteQueue.open(tmp_path / "q.db") as queue:
+            deferred = await store(queue, b"1", ["a@example.net", "b@example.net"])
+            held = await store(queue, b"2", ["c@example.net"])
+            now = time.time()
+            later = now + 3600
+            assert [m.id for m in await queue.lease("w", now, 10, 60.0)] == [deferred, held]
+            await queue.record_attempt(deferred, "w", {
+                "a@example.net": DELIVERED,
+                "b@example.net": RecipientResult("deferred", "451 4.7.1 later", later)}, now)
+            await queue.record_attempt(held, "w", {
+                "c@example.net": RecipientResult("deferred", "451 4.7.1 later", later)}, now)
+            assert await queue.hold(held)
+            fresh = await store(queue, b"3", ["d@example.net"])
+            assert [m.id for m in await queue.lease("w", now + 10, 10, 60.0)] == [fresh]  # due alone
+            await queue.wait_for_work(0)
+
+            assert await queue.retry([deferred], now + 20) == 1
+            assert await queue.wait_for_work(0)  # the deliverer looks again at once
+            message = await queue.get(deferred)
+            assert message is not None
+            a, b = message.recipients
+            assert (a.status, a.next_attempt_at) == ("delivered", None)  # final ones stay final
+            assert (b.status, b.attempts, b.next_attempt_at, b.last_reply) == ("deferred", 1, now + 20,
+                                                                               "451 4.7.1 later")
+            assert await queue.next_due() == now + 20
+            assert [m.id for m in await queue.lease("w2", now + 20, 10, 60.0)] == [deferred]
+
+            # A flush skips held messages and counts those in delivery, whose lease stands.
+            assert await queue.retry(None, now + 30) == 2
+            message = await queue.get(held)
+            assert message is not None and message.recipients[0].next_attempt_at == later
+            for leased_id in (deferred, fresh):
+                message = await queue.get(leased_id)
+                assert message is not None and message.lease_expires_at is not None
+            assert await queue.lease("w3", now + 30, 10, 60.0) == []
+            assert await queue.retry(["0000000000000", held], now + 40) == 0
+            assert await queue.retry([], now + 40) == 0
+
+    run(test)
+
+
+def test_changes_by_another_process_wake_the_deliverer(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+
+    async def test() -> None:
+        async with await SqliteQueue.open(db, watch_interval=0.05) as queue:
+            message_id = await store(queue)
+            await queue.wait_for_work(0)
+            assert await queue.hold(message_id)
+            assert not await queue.wait_for_work(0.3)  # its own writes are no news to the queue
+            waiter = asyncio.create_task(queue.wait_for_work(5.0))
+            await asyncio.sleep(0.1)
+            started = time.monotonic()
+            # As `mailward queue release` does it: its own connection, its own transaction.
+            await asyncio.to_thread(sql, db, "UPDATE message SET held = 0 WHERE id = ?", message_id)
+            assert await waiter
+            assert time.monotonic() - started < 1.0
+            assert not await queue.wait_for_work(0.3)
 
     run(test)
 
