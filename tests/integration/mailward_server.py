@@ -106,7 +106,14 @@ key = "{self.key}"
 
 [log]
 level = "{self.log_level}"
-{"" if self.deliver else "[delivery]" + chr(10) + "enabled = false" + chr(10)}"""
+{"" if self.deliver else "[delivery]" + chr(10) + "enabled = false" + chr(10)}{self._dns_toml()}"""
+
+    def _dns_toml(self) -> str:
+        # Tests must never query a resolver off loopback: without a [dns] table of the test's own,
+        # lookups go to a loopback port where nothing answers (and so defer).
+        if "[dns]" in self.extra_toml:
+            return ""
+        return '[dns]\nresolvers = ["127.0.0.1:9"]\ntimeout = 1\n'
 
     def write_config(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

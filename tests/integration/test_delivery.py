@@ -285,6 +285,8 @@ def test_routes_deliver_defer_and_bounce(make_server: MakeServer, sink: Sink, pi
 
     # The bounce for hard-y comes back to the sender's domain, which routes to the picky server.
     wait_until(lambda: any(r.mail_from == "" for r in picky.received), what="the bounce")
+    # The log line follows the recorded result, which may trail the peer's receipt a little.
+    wait_until(lambda: set(rcpts) <= {d["rcpt"] for d in deliveries(server)}, what="every result logged")
     lines = {d["rcpt"]: d for d in deliveries(server)}
     assert {r: lines[r]["status"] for r in rcpts} == {
         "a@sink.test": "sent", "b@sink2.test": "sent", "ok@picky.test": "sent",
@@ -342,6 +344,7 @@ def test_starttls_to_a_second_mailward(make_server: MakeServer, sink: Sink) -> N
         route("b2.test", f"[127.0.0.1]:{relay.mx}", security="encrypt"), relay=("b.test", "b2.test")))
     submit_mx(sender, "sender@back.test", ["carol@b.test"], message("tls1"))
     wait_until(lambda: len(sink.messages()) == 1, what="relayed delivery")
+    wait_until(lambda: any(d["rcpt"] == "carol@b.test" for d in deliveries(sender)), what="the log line")
     (line,) = [d for d in deliveries(sender) if d["rcpt"] == "carol@b.test"]
     assert line["status"] == "sent" and line["relay"] == f"127.0.0.1[127.0.0.1]:{relay.mx}"
     assert re.fullmatch(r"TLSv1\.[23]/\S+/verified", line["tls"]), line
@@ -432,6 +435,8 @@ ca_file = "{relay.ca}"
         smtp.login(USER, PASSWORD)
         smtp.sendmail(USER, ["zed@far.test"], message("smart1", sender=USER))
     wait_until(lambda: len(sink.messages()) == 1, what="delivery through the smarthost")
+    # The log line is written once the result is recorded, after QUIT: it may trail the sink.
+    wait_until(lambda: len(deliveries(sender)) == 1, what="the delivery log line")
     (line,) = deliveries(sender)
     assert line["status"] == "sent" and line["relay"] == f"127.0.0.1[127.0.0.1]:{port}"
     assert re.fullmatch(r"TLSv1\.[23]/\S+/verified", line["tls"]), line
