@@ -112,6 +112,8 @@ class InboundServices:
     users: UserStore | None
     throttle: AuthThrottle
     clock: Callable[[], float] = time.time
+    # Why a local recipient would certainly fail (unknown user), or None; raises UserStoreError.
+    local_refusal: Callable[[str], str | None] | None = None
 
 
 def server_options(config: Config, lc: ListenerConfig, has_tls: bool) -> ServerOptions:
@@ -557,6 +559,8 @@ class Session:
         # Queue the domain the relay decision was made on (lower-case A-labels), not the spelling
         # the client chose, so delivery can never route on a name this check did not see.
         address = f"{rcpt.local_part}@{rcpt.ascii_domain}" if rcpt.domain else "postmaster"
+        if not self._local_recipient_ok(address, rcpt.ascii_domain):
+            return
         notify = ev.params.notify if ev.params.notify is not None else frozenset()
         try:
             await msg.txn.add_rcpt(Recipient(address=address, dsn_notify=notify,
@@ -567,6 +571,29 @@ class Session:
             return
         msg.recipients.append(address)
         engine.accept()
+
+    def _local_recipient_ok(self, address: str, domain: str) -> bool:
+        """Refuse unknown local users now, like Postfix's local_recipient_maps: a bounce later
+        would go to a sender that is often forged. Local submissions (sendmail) keep Postfix's
+        behaviour of accepting and bouncing; postmaster is always accepted (RFC 5321 §4.5.1)."""
+        check = self.services.local_refusal
+        if check is None or self.listener.config.kind == LOCAL_KIND:
+            return True
+        if domain and domain not in self.services.config.local_domains:
+            return True
+        if address.partition("@")[0].lower() == "postmaster":
+            return True
+        try:
+            why = check(address)
+        except UserStoreError as exc:
+            log.error("%s local users cannot be looked up for <%s>: %s", self.log_prefix, address, exc)
+            self.engine.respond(codes.LOCAL_ERROR)
+            return False
+        if why is None:
+            return True
+        log.warning("%s recipient <%s> refused: %s", self.log_prefix, address, why)
+        self.engine.respond(codes.UNKNOWN_USER)
+        return False
 
     def _is_ours(self, domain: str) -> bool:
         cfg = self.services.config

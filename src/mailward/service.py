@@ -16,6 +16,7 @@ from mailward import __version__
 from mailward.auth import AuthThrottle, UserStore, UserStoreError
 from mailward.config import Config, ConfigError, check_files, demo_config
 from mailward.delivery import Deliverer, build_deliverer
+from mailward.delivery.local import LocalRecipients
 from mailward.inbound import InboundServices, Listener, LocalListener, LocalSocketError, local_socket_path
 from mailward.queue import QueueError
 from mailward.queue.sqlite import SqliteQueue
@@ -125,7 +126,8 @@ class Service:
         throttle = AuthThrottle(ip_limit=cfg.auth.max_failures_per_ip,
                                 user_limit=cfg.auth.max_failures_per_user,
                                 lockout=float(cfg.auth.lockout_seconds))
-        services = InboundServices(cfg, self.queue, self.tls, users, throttle)
+        services = InboundServices(cfg, self.queue, self.tls, users, throttle,
+                                   local_refusal=LocalRecipients.from_config(cfg).refusal)
         for i, lc in enumerate(cfg.listeners):
             listener = Listener(lc, services)
             try:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import MakeServer, require_tool
+from local_submit import ok, sendmail
 from mailward_server import MailwardServer
 
 from mailward.delivery.local import LmtpServer, LocalDelivery, LocalRecipients, LocalResult
@@ -93,11 +94,25 @@ def test_swaks_to_a_local_user_lands_in_new_with_trace_headers(make_server: Make
     assert os.listdir(new.parent / "tmp") == [] and os.listdir(new.parent / "cur") == []
 
 
+def test_unknown_local_user_is_refused_at_rcpt(make_server: MakeServer) -> None:
+    # Refused in the session (as Postfix's local_recipient_maps does), not bounced afterwards to a
+    # sender that may be forged; postmaster is always accepted.
+    server = make_server(deliver=True)
+    with smtplib.SMTP("127.0.0.1", server.mx, timeout=15) as client:
+        client.ehlo("client.example")
+        refused = client.sendmail("someone@far.example", ["ghost@example.test", "Postmaster@example.test"],
+                                  b"Subject: rcpt-check\r\n\r\nhello\r\n")
+    assert refused == {"ghost@example.test": (550, b"5.1.1 Recipient address rejected: user unknown")}
+    assert "recipient <ghost@example.test> refused: 5.1.1" in server.log()
+    assert not (server.state_dir / "mail" / "ghost").exists()
+
+
 def test_unknown_local_user_bounces_back_to_a_local_sender(make_server: MakeServer) -> None:
+    # Local submissions are accepted whole, as Postfix's sendmail does; the unknown user bounces.
     alias = '[local]\nalias = [{name = "postmaster", targets = ["alice"]}]\n'
     server = make_server(deliver=True, extra_toml=alias)
-    smtp_send(server, "alice@example.test", ["ghost@example.test", "postmaster@example.test"],
-              "Subject: local-bounce-2\r\n\r\nhello\r\n")
+    ok(sendmail(server, "-f", "alice@example.test", "ghost@example.test", "postmaster@example.test",
+                stdin=b"Subject: local-bounce-2\n\nhello\n"))
     lines = logged(server, "ghost@example.test", "postmaster@example.test")
     assert (lines["ghost@example.test"]["dsn"], lines["ghost@example.test"]["status"]) == ("5.1.1", "bounced")
     assert lines["postmaster@example.test"]["status"] == "sent"

@@ -7,6 +7,7 @@ spelling; routing characters in a local part (%, !) stay local-part text for the
 from __future__ import annotations
 
 import pytest
+from conftest import MakeServer
 from mailward_server import PASSWORD, USER, MailwardServer
 from smtp_peer import Peer, plain_auth
 
@@ -40,6 +41,13 @@ MATRIX: list[tuple[str, str | None]] = [
     ("<postmaster>", "postmaster"),
 ]
 EXPECTED_LOCAL = {queued for _, queued in MATRIX if queued is not None}
+
+
+@pytest.fixture
+def server(make_server: MakeServer) -> MailwardServer:
+    # A catch-all makes every local part of example.test a valid recipient, so the matrix tests
+    # routing, not the RCPT-time check for unknown users.
+    return make_server(extra_toml='[local]\ncatch_all = "alice"\n')
 
 
 def local_domain_only(server: MailwardServer) -> None:

@@ -177,6 +177,20 @@ class LocalRecipients:
         self.catch_all = catch_all
         self.is_user = is_user
 
+    @classmethod
+    def from_config(cls, config: Config) -> LocalRecipients:
+        """The recipients table delivery uses; the inbound side asks the same one at RCPT time."""
+        lc = config.local
+        # With LMTP the mailbox server owns the users: every local part is passed on.
+        is_user = None if lc.lmtp is not None else _user_lookup(UserStore(config.auth.users_file),
+                                                                config.local_domains, lc.maildir)
+        default_domain = config.hostname
+        if config.local_domains and default_domain not in config.local_domains:
+            default_domain = config.local_domains[0]
+        return cls(local_domains=config.local_domains, default_domain=default_domain,
+                   aliases={a.name: a.targets for a in lc.aliases}, catch_all=lc.catch_all,
+                   is_user=is_user)
+
     def resolve(self, address: str) -> Resolution:
         """Raises UserStoreError when the users file cannot be read (a temporary failure)."""
         local, domain = self._split(address)
@@ -191,6 +205,17 @@ class LocalRecipients:
             return self.catch_all_for(domain)
         targets, problems = self._expand(local, domain, ())
         return Resolution(tuple(dict.fromkeys(targets)), tuple(problems))
+
+    def refusal(self, address: str) -> str | None:
+        """Why mail for `address` would certainly fail here (asked at RCPT time, so an unknown user
+        is refused in the session instead of bounced later to a possibly forged sender), or None.
+
+        Raises UserStoreError when the users file cannot be read.
+        """
+        res = self.resolve(address)
+        if res.targets or not res.problems or not all(p.permanent for p in res.problems):
+            return None
+        return res.problems[0].reply
 
     def catch_all_for(self, domain: str) -> Resolution:
         """Where mail for an unknown local part of `domain` goes (catch_all must be set)."""
@@ -510,17 +535,9 @@ class LocalDelivery:
     def from_config(cls, config: Config, queue: Queue | None = None) -> LocalDelivery:
         lc = config.local
         lmtp = None if lc.lmtp is None else LmtpServer.parse(lc.lmtp)
-        maildir = lc.maildir
-        is_user = None if lmtp is not None else _user_lookup(UserStore(config.auth.users_file),
-                                                             config.local_domains, maildir)
-        default_domain = config.hostname
-        if config.local_domains and default_domain not in config.local_domains:
-            default_domain = config.local_domains[0]
-        recipients = LocalRecipients(
-            local_domains=config.local_domains, default_domain=default_domain,
-            aliases={a.name: a.targets for a in lc.aliases}, catch_all=lc.catch_all, is_user=is_user)
         dc = config.delivery
-        return cls(recipients, maildir=maildir, hostname=dc.helo_name, lmtp=lmtp, queue=queue,
+        return cls(LocalRecipients.from_config(config), maildir=lc.maildir, hostname=dc.helo_name,
+                   lmtp=lmtp, queue=queue,
                    timeouts=LmtpTimeouts(dc.connect_timeout, dc.command_timeout, dc.data_timeout))
 
     async def deliver(self, message: StoredMessage, body: bytes,
