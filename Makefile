@@ -28,8 +28,10 @@ test: $(STAMP) debs lint
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
 
+# BENCH_ARGS=--quick for a short check that everything runs.
 bench: $(STAMP) debs
-	$(BIN)/python bench/run.py
+	bash bench/install-debs.sh
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 fuzz: $(STAMP)
 	MAILWARD_FUZZ_SECONDS=$${MAILWARD_FUZZ_SECONDS:-600} $(BIN)/python -m pytest -q -m fuzz tests

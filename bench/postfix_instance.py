@@ -4,11 +4,19 @@ Everything lives in one temporary directory (main.cf, master.cf, queue, data, TL
 `postfix -c DIR` drives it, so the system's own Postfix configuration is neither read nor touched.
 Accepted mail is fsync'd into the queue before the 250 (as Postfix always does) and then handed
 to the discard transport: the durability mailward is compared against, without any delivery.
+With `relay_port`, mail for example.test goes out instead, by Postfix's smtp client in plaintext
+to [127.0.0.1]:relay_port, and the `plain` listener puts what it accepts on hold, so a queue can
+be filled first and then released all at once (`release_held`).
 
-Three smtpd listeners, all on 127.0.0.1 and none with AUTH:
-* `submissions`: implicit TLS (smtpd_tls_wrappermode, as on 465);
-* `submission`: STARTTLS required (smtpd_tls_security_level=encrypt, as on 587);
-* `plain`: no TLS offered.
+Four smtpd listeners, all on 127.0.0.1:
+* `submissions`: implicit TLS (smtpd_tls_wrappermode, as on 465), AUTH required;
+* `submission`: STARTTLS required (smtpd_tls_security_level=encrypt, as on 587), AUTH required;
+* `mx`: STARTTLS offered, no AUTH, relay to example.test only (as on 25);
+* `plain`: no TLS offered, no AUTH.
+
+AUTH is Cyrus SASL (PLAIN and LOGIN) against a sasldb made with saslpasswd2 (Debian package
+sasl2-bin), the login owning its address as sender (reject_sender_login_mismatch), like mailward's
+submission listeners. Without a `sasl_user` the submission listeners take mail without AUTH.
 
     python bench/postfix_instance.py   # start one, print its ports, stop it on Enter
 """
@@ -29,7 +37,9 @@ from types import TracebackType
 LOOPBACK = "127.0.0.1"
 RELAY_DOMAIN = "example.test"
 PROCESS_LIMIT = 100
-POSTFIX = shutil.which("postfix", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") or "/usr/sbin/postfix"
+SBIN_PATH = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+POSTFIX = shutil.which("postfix", path=SBIN_PATH) or "/usr/sbin/postfix"
+SASLPASSWD = shutil.which("saslpasswd2", path=SBIN_PATH)
 QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
 
 
@@ -41,6 +51,13 @@ def free_port(host: str = LOOPBACK) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def sasl_available() -> bool:
+    """Whether Postfix can be given AUTH here: saslpasswd2 and Cyrus's sasldb plugin installed."""
+    plugins = list(Path("/usr/lib").glob("*/sasl2/libsasldb.so*")) + list(Path("/usr/lib/sasl2").glob(
+        "libsasldb.so*"))
+    return SASLPASSWD is not None and bool(plugins)
 
 
 def _smtpd(port: int, *options: str, maxproc: int) -> str:
@@ -68,6 +85,7 @@ showq     unix  n       -       n       -       -       showq
 error     unix  -       -       n       -       -       error
 retry     unix  -       -       n       -       -       error
 discard   unix  -       -       n       -       -       discard
+smtp      unix  -       -       n       -       -       smtp
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
@@ -80,13 +98,15 @@ class PostfixInstance:
 
     cert: Path  # PEM chain, leaf first
     key: Path
+    sasl_user: tuple[str, str] | None = None  # (user@realm, password) AUTH requires on submission
+    relay_port: int | None = None  # deliver to [127.0.0.1]:relay_port instead of discarding
     process_limit: int = PROCESS_LIMIT
     # Postfix pauses smtpd (up to 1s per message) while deliveries lag behind arrivals; mailward
     # has no delivery to lag, so the accept paths are compared without that brake.
     in_flow_delay: str = "0s"
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="mailward-bench-postfix-")))
     ports: dict[str, int] = field(default_factory=lambda: {
-        "submissions": free_port(), "submission": free_port(), "plain": free_port()})
+        "submissions": free_port(), "submission": free_port(), "mx": free_port(), "plain": free_port()})
     running: bool = False
 
     @property
@@ -104,6 +124,36 @@ class PostfixInstance:
     def port(self, name: str) -> int:
         return self.ports[name]
 
+    @property
+    def sasldb(self) -> Path:
+        return self.root / "sasldb2"
+
+    def _delivery_cf(self) -> str:
+        if self.relay_port is None:
+            return "default_transport = discard\nrelay_transport = discard\n"
+        # Plaintext like the mailward route it is compared with (smtp-sink has no TLS); the next hop
+        # is an address literal, so no DNS either.
+        return f"""\
+default_transport = smtp
+relay_transport = smtp
+transport_maps = inline:{{ {RELAY_DOMAIN}=smtp:[{LOOPBACK}]:{self.relay_port} }}
+smtp_tls_security_level = none
+smtp_dns_support_level = disabled
+"""
+
+    def _sasl_cf(self) -> str:
+        if self.sasl_user is None:
+            return ""
+        user = self.sasl_user[0]
+        return f"""\
+smtpd_sasl_type = cyrus
+smtpd_sasl_path = smtpd
+cyrus_sasl_config_path = {self.config_dir / "sasl"}
+smtpd_tls_auth_only = yes
+smtpd_sasl_authenticated_header = no
+smtpd_sender_login_maps = inline:{{ {user}={user} }}
+"""
+
     def main_cf(self) -> str:
         return f"""\
 compatibility_level = 3.6
@@ -120,9 +170,7 @@ inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
 relay_domains = {RELAY_DOMAIN}
 smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
-default_transport = discard
-relay_transport = discard
-local_transport = discard
+{self._delivery_cf()}local_transport = discard
 alias_maps =
 alias_database =
 local_recipient_maps =
@@ -139,16 +187,41 @@ smtpd_tls_security_level = may
 smtpd_tls_loglevel = 0
 maillog_file = {self.log_path}
 maillog_file_prefixes = {self.root}
-"""
+{self._sasl_cf()}"""
 
     def master_cf(self) -> str:
         limit = self.process_limit
+        # As mailward's submission listeners: nothing before AUTH, then only the login's own sender.
+        auth = ("smtpd_sasl_auth_enable=yes", "smtpd_client_restrictions=permit_sasl_authenticated,reject",
+                "smtpd_sender_restrictions=reject_sender_login_mismatch",
+                "smtpd_relay_restrictions=permit_sasl_authenticated,reject") if self.sasl_user else ()
+        # Filling the queue for an outbound run: everything accepted waits on hold until released.
+        hold = ("smtpd_client_restrictions=check_client_access,static:HOLD",) if self.relay_port else ()
         return "\n".join([
             _smtpd(self.ports["submissions"], "smtpd_tls_wrappermode=yes",
-                   "smtpd_tls_security_level=encrypt", maxproc=limit),
-            _smtpd(self.ports["submission"], "smtpd_tls_security_level=encrypt", maxproc=limit),
-            _smtpd(self.ports["plain"], "smtpd_tls_security_level=none", maxproc=limit),
+                   "smtpd_tls_security_level=encrypt", *auth, maxproc=limit),
+            _smtpd(self.ports["submission"], "smtpd_tls_security_level=encrypt", *auth, maxproc=limit),
+            _smtpd(self.ports["mx"], "smtpd_tls_security_level=may", maxproc=limit),
+            _smtpd(self.ports["plain"], "smtpd_tls_security_level=none", *hold, maxproc=limit),
         ]) + "\n" + _MASTER_SERVICES
+
+    def _write_sasl(self) -> None:
+        if self.sasl_user is None:
+            return
+        if SASLPASSWD is None:
+            raise PostfixError("AUTH for Postfix needs saslpasswd2: apt-get install sasl2-bin")
+        user, password = self.sasl_user
+        name, _, realm = user.partition("@")
+        # sasldb keeps the secret as given: Cyrus's auxprop compares it directly on each AUTH.
+        subprocess.run([SASLPASSWD, "-p", "-c", "-f", str(self.sasldb), "-u", realm, name],
+                       input=password, text=True, check=True, capture_output=True, timeout=30)
+        shutil.chown(self.sasldb, "root", "postfix")
+        self.sasldb.chmod(0o640)  # smtpd reads it as the postfix user
+        # Debian's Postfix reads it from $config_directory/sasl whatever cyrus_sasl_config_path says.
+        (self.config_dir / "sasl").mkdir(exist_ok=True)
+        (self.config_dir / "sasl" / "smtpd.conf").write_text(
+            f"pwcheck_method: auxprop\nauxprop_plugin: sasldb\nmech_list: PLAIN LOGIN\n"
+            f"sasldb_path: {self.sasldb}\n")
 
     def _postfix(self, *args: str) -> subprocess.CompletedProcess[str]:
         cmd = [POSTFIX, "-c", str(self.config_dir), *args]
@@ -173,6 +246,7 @@ maillog_file_prefixes = {self.root}
         self.root.chmod(0o755)
         (self.config_dir / "main.cf").write_text(self.main_cf())
         (self.config_dir / "master.cf").write_text(self.master_cf())
+        self._write_sasl()
         self._check_loopback_only()
         self._postfix("check")
         self._postfix("start")
@@ -207,13 +281,35 @@ maillog_file_prefixes = {self.root}
         except (OSError, ValueError, IndexError):
             return None
 
-    def queued(self) -> int:
-        """Messages still in the queue (not yet discarded)."""
+    def queued(self, queues: tuple[str, ...] = QUEUES) -> int:
+        """Messages still in the queue (not yet discarded or delivered)."""
         total = 0
-        for q in QUEUES:
+        for q in queues:
             for _, _, files in os.walk(self.queue_dir / q):
                 total += len(files)
         return total
+
+    def held(self) -> int:
+        return self.queued(("hold",))
+
+    def wait_held(self, expect: int, timeout: float = 60.0) -> int:
+        """Wait until `expect` messages are on hold (cleanup finishes each after its 250)."""
+        deadline = time.monotonic() + timeout
+        while (n := self.held()) < expect and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return n
+
+    def release_held(self) -> None:
+        """Everything on hold back to the deferred queue, then a flush makes qmgr take it at once."""
+        self._tool("postsuper", "-H", "ALL")
+        self._tool("postqueue", "-f")
+
+    def _tool(self, name: str, *args: str) -> None:
+        binary = shutil.which(name, path=SBIN_PATH) or f"/usr/sbin/{name}"
+        proc = subprocess.run([binary, "-c", str(self.config_dir), *args], capture_output=True, text=True,
+                              timeout=60, check=False, stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            raise PostfixError(f"{name} {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
 
     def wait_empty(self, timeout: float = 120.0) -> bool:
         """Wait until every accepted message has been discarded, so the next run starts level."""

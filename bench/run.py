@@ -1,10 +1,16 @@
-"""`make bench`: every benchmark in one run, then one summary table.
+"""`make bench`: every benchmark in one run, then one summary table with mailward beside Postfix.
+
+* engine: the sans-IO SMTP engine alone (bench/engine.py);
+* server: messages accepted per second over 465, 587 and 25 with full durability, mailward and a
+  throwaway loopback Postfix configured alike, back to back (bench/server.py);
+* outbound: messages delivered per second to smtp-sink from a pre-filled queue (bench/outbound.py);
+* idle: memory of 10,000 idle TLS sessions on 465 (bench/idle.py).
 
 A benchmark is a function taking the parsed arguments and returning rows; add it to BENCHMARKS.
-The server-against-Postfix comparisons (DESIGN.md, "Performance notes") belong here too, measured
-in the same run so the figures are comparable.
+The ratio is mailward / Postfix; the DESIGN.md target is mailward at or above Postfix on every row.
+The machine is shared with the load generator (and whatever else runs): compare within one run.
 
-    python bench/run.py [--messages N] [--only NAME ...]
+    python bench/run.py [--quick] [--only NAME ...]
 """
 
 from __future__ import annotations
@@ -14,78 +20,158 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import engine
+import idle
+import outbound
+import server
 
 
 @dataclass(frozen=True)
 class Row:
     benchmark: str
     case: str
-    msgs_per_s: float | None
-    mb_per_s: float | None
+    mailward: str
+    postfix: str = "-"
+    ratio: float | None = None
     target: str = ""
+    ok: bool | None = None  # None: no target on this row
+
+    @property
+    def verdict(self) -> str:
+        if self.ok is None:
+            return self.target
+        return f"{self.target} {'ok' if self.ok else 'BELOW'}"
 
 
-def engine_rows(args: argparse.Namespace) -> list[Row]:
-    figures = engine.main(["--messages", str(args.messages), "--size", str(args.size),
+@dataclass
+class Notes:
+    """Gathered while the benchmarks run, printed under the table."""
+
+    fairness: list[str] = field(default_factory=list)  # how each side was set up
+    problems: list[str] = field(default_factory=list)  # a figure is wrong (lost mail, errors)
+    noise: list[str] = field(default_factory=list)  # a figure is suspect (other load on the machine)
+
+
+def engine_rows(args: argparse.Namespace, notes: Notes) -> list[Row]:
+    messages = 20_000 if args.quick else args.messages
+    figures = engine.main(["--messages", str(messages), "--size", str(args.size),
                            "--per-connection", str(args.per_connection)])
     target = f">= {engine.TARGET_MB_S:.0f} MB/s"
-    return [Row("engine", f.name, f.msgs_per_s if f.messages > 1 else None, f.mb_per_s,
-                target + (" ok" if f.mb_per_s >= engine.TARGET_MB_S else " BELOW"))
+    return [Row("engine", f.name,
+                f"{f.mb_per_s:,.1f} MB/s" + (f", {f.msgs_per_s:,.0f} msg/s" if f.messages > 1 else ""),
+                target=target, ok=f.mb_per_s >= engine.TARGET_MB_S)
             for f in figures]
 
 
-BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
+def _msgs(value: float) -> str:
+    return f"{value:,.0f} msg/s"
+
+
+def server_rows(args: argparse.Namespace, notes: Notes) -> list[Row]:
+    rows = server.compare(messages_small=server.QUICK_SMALL if args.quick else server.MESSAGES_SMALL,
+                          messages_large=server.QUICK_LARGE if args.quick else server.MESSAGES_LARGE)
+    print(server.format_table(rows), flush=True)
+    notes.fairness.append(server.notes())
+    out = []
+    for r in rows:
+        notes.problems += [f"server {r.label}: {p}" for p in r.problems]
+        notes.noise += [f"server {r.label}: {w}" for w in r.warnings]
+        out.append(Row("server", r.label, _msgs(r.mailward.msgs_per_s), _msgs(r.postfix.msgs_per_s),
+                       r.ratio, ">= postfix", r.ratio >= 1.0 and not r.problems))
+    return out
+
+
+def outbound_rows(args: argparse.Namespace, notes: Notes) -> list[Row]:
+    rows = outbound.compare(messages=outbound.QUICK_MESSAGES if args.quick else outbound.MESSAGES)
+    print(outbound.format_table(rows), flush=True)
+    notes.fairness.append(outbound.NOTES)
+    out = []
+    for r in rows:
+        notes.problems += [f"outbound {r.label}: {p}" for p in r.problems]
+        out.append(Row("outbound", r.label, _msgs(r.mailward.msgs_per_s), _msgs(r.postfix.msgs_per_s),
+                       r.ratio, ">= postfix", r.ratio >= 1.0 and not r.problems))
+    return out
+
+
+def idle_rows(args: argparse.Namespace, notes: Notes) -> list[Row]:
+    figures = idle.measure(idle.SESSIONS)
+    mw, pf = figures.mailward, figures.postfix
+    print(idle.report(mw, pf), flush=True)
+    notes.fairness.append(idle.NOTES)
+    if mw.errors:
+        notes.problems.append(f"idle: {mw.requested - mw.sessions} sessions failed to open: {mw.errors}")
+    ok = mw.sessions == mw.requested and mw.total_mib < idle.TARGET_MIB
+    # Postfix's side is extrapolated from its process limit: one smtpd process per session.
+    return [Row("idle", f"{mw.requested:,} idle TLS sessions on 465, memory", f"{mw.total_mib:,.0f} MiB RSS",
+                f"{pf.pss_kib_per_session * mw.requested / 1024**2:,.1f} GiB PSS" if pf is not None else "-",
+                None, f"< {idle.TARGET_MIB:,.0f} MiB", ok),
+            Row("idle", "memory per idle TLS session", f"{mw.kib_per_session:,.1f} KiB",
+                f"{pf.pss_kib_per_session:,.0f} KiB PSS" if pf is not None else "-")]
+
+
+BENCHMARKS: dict[str, Callable[[argparse.Namespace, Notes], list[Row]]] = {
     "engine": engine_rows,
+    "server": server_rows,
+    "outbound": outbound_rows,
+    "idle": idle_rows,
 }
 
 
-def print_table(rows: list[Row]) -> None:
-    headers = ("benchmark", "case", "msgs/s", "MB/s", "target")
-    cells = [
-        (r.benchmark, r.case,
-         f"{r.msgs_per_s:,.0f}" if r.msgs_per_s is not None else "-",
-         f"{r.mb_per_s:,.1f}" if r.mb_per_s is not None else "-",
-         r.target)
-        for r in rows
-    ]
+def format_table(rows: list[Row]) -> str:
+    headers = ("benchmark", "case", "mailward", "postfix", "ratio", "target")
+    cells = [(r.benchmark, r.case, r.mailward, r.postfix, f"{r.ratio:.2f}" if r.ratio is not None else "-",
+              r.verdict) for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    numeric = (False, False, True, True, False)
+    numeric = (False, False, True, True, True, False)
 
     def line(values: tuple[str, ...]) -> str:
         return "  ".join(v.rjust(w) if num else v.ljust(w)
                          for v, w, num in zip(values, widths, numeric, strict=True)).rstrip()
 
-    print(line(headers))
-    print("  ".join("-" * w for w in widths))
-    for c in cells:
-        print(line(c))
+    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *(line(c) for c in cells)])
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--messages", type=int, default=100_000)
-    parser.add_argument("--size", type=int, default=2048, help="body octets per message")
-    parser.add_argument("--per-connection", type=int, default=100, help="messages per connection")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer messages everywhere (a check that everything runs, not figures)")
+    parser.add_argument("--messages", type=int, default=100_000, help="engine: messages")
+    parser.add_argument("--size", type=int, default=2048, help="engine: body octets per message")
+    parser.add_argument("--per-connection", type=int, default=100, help="engine: messages per connection")
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), help="run only these")
     args = parser.parse_args(argv)
 
-    print(f"mailward bench: Python {platform.python_version()} on {platform.machine()}, "
-          f"{time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
+    started = time.monotonic()
+    print(f"mailward bench{' (quick)' if args.quick else ''}: Python {platform.python_version()} on "
+          f"{platform.machine()}, {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
     rows: list[Row] = []
+    notes = Notes()
     for name, bench in BENCHMARKS.items():
         if args.only and name not in args.only:
             continue
         print(f"--- {name}", flush=True)
-        rows += bench(args)
+        rows += bench(args, notes)
     print()
-    print_table(rows)
-    return 0
+    print(format_table(rows))
+    if notes.fairness:
+        print("\nHow the two sides were set up:")
+        print("\n\n".join(notes.fairness))
+    for title, items in (("PROBLEMS (these figures are wrong)", notes.problems),
+                         ("Noise (other work on the machine during these rows)", notes.noise)):
+        if items:
+            print(f"\n{title}:")
+            print("\n".join(f"* {p}" for p in items))
+    targets = [r for r in rows if r.ok is not None]
+    below = sum(1 for r in targets if not r.ok)
+    print(f"\n{len(targets) - below} of {len(targets)} rows with a target meet it; "
+          f"{time.monotonic() - started:.0f}s")
+    # A figure below target is a finding, not a failure of the benchmark; lost or refused mail is.
+    return 1 if notes.problems else 0
 
 
 if __name__ == "__main__":

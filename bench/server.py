@@ -8,12 +8,11 @@ Postfix then hands each message to the discard transport. mailward's recipients 
 loopback port where nothing listens, so its deliverer defers them and they stay queued: afterwards
 its queue must hold exactly the messages it acknowledged.
 
-Fairness notes, printed with the table:
-* mailward's 465/587 listeners are submission listeners and require AUTH PLAIN (one argon2id
-  verification per connection); Postfix runs without SASL. The "25 STARTTLS" rows compare
-  mailward's mx listener (no AUTH) with the same Postfix STARTTLS smtpd: like for like.
-* Every connection does a full TLS handshake (ECDSA P-256 certificate, TLS 1.3), no resumption.
-* The generator shares the two cores with the server under test.
+Each row runs mailward, Postfix, Postfix, mailward with half the messages each, so that other
+load on the machine weighs on both alike. Fairness notes (NOTES, printed with the table): both
+sides require AUTH PLAIN on 465 and 587 and check that the sender belongs to the login; the
+"25 STARTTLS" rows compare the listeners without AUTH. Every connection does a full TLS handshake
+(ECDSA P-256, TLS 1.3), no resumption. The generator shares the two cores with the server.
 
     python bench/server.py [--quick] [--messages-small N] [--messages-large N] [--only ROW ...]
 """
@@ -39,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import loadgen
 from loadgen import LoadResult, LoadSpec, Mode
-from postfix_instance import LOOPBACK, PostfixInstance, free_port
+from postfix_instance import LOOPBACK, PostfixInstance, free_port, sasl_available
 
 from mailward.tls import demo_ca_path, make_demo_certificate
 
@@ -62,14 +61,14 @@ class Case:
     per_connection: int
     mailward_listener: str
     postfix_listener: str
-    auth: bool  # mailward side only; Postfix runs without SASL
+    auth: bool  # AUTH PLAIN once per connection, on both sides (Postfix: when SASL is available)
 
 
 CASES = (
     Case("465", "465 TLS, 1 msg/conn", "implicit-tls", 1, "submissions", "submissions", True),
     Case("465x100", "465 TLS, 100 msgs/conn", "implicit-tls", 100, "submissions", "submissions", True),
     Case("587", "587 STARTTLS, 1 msg/conn", "starttls", 1, "submission", "submission", True),
-    Case("25", "25 STARTTLS, 1 msg/conn", "starttls", 1, "mx", "submission", False),
+    Case("25", "25 STARTTLS, 1 msg/conn", "starttls", 1, "mx", "mx", False),
 )
 PLAIN_CASES = (
     Case("25plain", "25 plain, 1 msg/conn", "plain", 1, "mx", "plain", False),
@@ -138,6 +137,8 @@ class MailwardProcess:
     # The bench's recipients are routed here. Nothing listens, so mailward's deliverer finds the
     # next hop refusing and leaves every message deferred in the queue, where it can be counted.
     parked_port: int = field(default_factory=free_port)
+    # False queues mail without delivering it; a restart with True then delivers all of it at once.
+    delivery_enabled: bool = True
     # How `mailward` is run; a profiler or an instrumented wrapper can stand in front of it.
     launcher: tuple[str, ...] = (sys.executable, "-m", "mailward.cli")
     proc: subprocess.Popen[bytes] | None = None
@@ -178,6 +179,9 @@ relay_domains = ["example.test"]
 cert = "{self.cert}"
 key = "{self.key}"
 
+[delivery]
+enabled = {"true" if self.delivery_enabled else "false"}
+
 [[delivery.route]]
 domain = "example.test"
 next_hop = "[{LOOPBACK}]:{self.parked_port}"
@@ -192,9 +196,11 @@ level = "{self.log_level}"
                        input=stdin, text=True, capture_output=True, check=True, timeout=60, cwd=self.root)
 
     def start(self, timeout: float = 30.0, preexec: Callable[[], None] | None = None) -> None:
+        first = not (self.root / "state").exists()
         (self.root / "state").mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.config_text())
-        self._cli("user", "add", USER, "--password-stdin", stdin=PASSWORD + "\n")
+        if first:  # a restart keeps its state, the user included
+            self._cli("user", "add", USER, "--password-stdin", stdin=PASSWORD + "\n")
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [*self.launcher, "serve", "--config", str(self.config_path)],
@@ -276,6 +282,16 @@ class Measurement:
     def cpu_ms_per_msg(self) -> float:
         return self.server_cpu * 1e3 / self.result.ok if self.result.ok else 0.0
 
+    def __add__(self, other: Measurement) -> Measurement:
+        """Two runs of the same spec as one: counts, times and CPU add up."""
+        a, b = self.result, other.result
+        both = LoadResult(a.spec, ok=a.ok + b.ok, failed=a.failed + b.failed, errors=a.errors + b.errors,
+                          seconds=a.seconds + b.seconds, connections=a.connections + b.connections,
+                          resumed=a.resumed + b.resumed, cpu_seconds=a.cpu_seconds + b.cpu_seconds,
+                          latencies=a.latencies + b.latencies, warmup_ok=a.warmup_ok + b.warmup_ok)
+        return Measurement(both, self.server_cpu + other.server_cpu, self.busy_cpu + other.busy_cpu,
+                           self.elapsed + other.elapsed)
+
 
 def measure(spec: LoadSpec, server_cpu: Callable[[], float],
             settle: Callable[[], object] | None = None) -> Measurement:
@@ -322,7 +338,10 @@ class Comparison:
         self.ca = str(demo_ca_path(tls_dir))
         self.warmup = warmup
         self.timeout = timeout
-        self.postfix = PostfixInstance(self.cert, self.key)
+        # Postfix gets the same login as mailward, unless Cyrus SASL's tools are missing.
+        self.postfix_auth = sasl_available()
+        self.postfix = PostfixInstance(self.cert, self.key,
+                                       sasl_user=(USER, PASSWORD) if self.postfix_auth else None)
 
     def __enter__(self) -> Comparison:
         self.postfix.__enter__()
@@ -332,37 +351,40 @@ class Comparison:
         self.postfix.cleanup()
 
     def spec(self, case: Case, port: int, size: int, concurrency: int, messages: int,
-             auth: bool) -> LoadSpec:
+             auth: bool, warmup: bool) -> LoadSpec:
         return LoadSpec(host=LOOPBACK, port=port, mode=case.mode, messages=messages, size=size,
                         concurrency=concurrency, per_connection=case.per_connection, cafile=self.ca,
                         auth=(USER, PASSWORD) if auth else None, sender=USER, recipient=RECIPIENT,
-                        timeout=self.timeout, warmup=concurrency if self.warmup else 0)
+                        timeout=self.timeout, warmup=concurrency if warmup and self.warmup else 0)
 
-    def run_mailward(self, case: Case, size: int, concurrency: int, messages: int,
-                     problems: list[str]) -> Measurement:
-        with mailward_running(self.cert, self.key) as mw:
-            spec = self.spec(case, mw.ports[case.mailward_listener], size, concurrency, messages, case.auth)
-            m = measure(spec, lambda: process_cpu(mw.pid))
-            code = mw.stop()
-            acknowledged = m.result.ok + m.result.warmup_ok
-            stored, octets = mw.queued()
-            if code != 0:
-                problems.append(f"mailward exited with status {code}")
-            if stored != acknowledged:
-                problems.append(f"mailward acknowledged {acknowledged} messages but its queue holds {stored}")
-            elif stored and octets < stored * size:
-                problems.append(f"mailward's queue holds {octets} octets, less than {stored} x {size}")
-            if m.result.failed:
-                problems.append(f"mailward errors: {dict(m.result.errors)}; log:\n{mw.log_tail(10)}")
-        return m
+    def measure_mailward(self, mw: MailwardProcess, case: Case, size: int, concurrency: int,
+                         messages: int, warmup: bool) -> Measurement:
+        spec = self.spec(case, mw.ports[case.mailward_listener], size, concurrency, messages, case.auth,
+                         warmup)
+        return measure(spec, lambda: process_cpu(mw.pid))
 
-    def run_postfix(self, case: Case, size: int, concurrency: int, messages: int,
-                    problems: list[str]) -> Measurement:
+    def check_mailward(self, mw: MailwardProcess, m: Measurement, size: int, problems: list[str]) -> None:
+        """After the row: every acknowledged message, whole, in the queue of a cleanly stopped server."""
+        code = mw.stop()
+        acknowledged = m.result.ok + m.result.warmup_ok
+        stored, octets = mw.queued()
+        if code != 0:
+            problems.append(f"mailward exited with status {code}")
+        if stored != acknowledged:
+            problems.append(f"mailward acknowledged {acknowledged} messages but its queue holds {stored}")
+        elif stored and octets < stored * size:
+            problems.append(f"mailward's queue holds {octets} octets, less than {stored} x {size}")
+        if m.result.failed:
+            problems.append(f"mailward errors: {dict(m.result.errors)}; log:\n{mw.log_tail(10)}")
+
+    def measure_postfix(self, case: Case, size: int, concurrency: int, messages: int, warmup: bool,
+                        problems: list[str]) -> Measurement:
         pf = self.postfix
         if not pf.wait_empty():
             problems.append("Postfix's queue did not drain before the run")
         sent_before = pf.delivered()
-        spec = self.spec(case, pf.port(case.postfix_listener), size, concurrency, messages, False)
+        spec = self.spec(case, pf.port(case.postfix_listener), size, concurrency, messages,
+                         case.auth and self.postfix_auth, warmup)
         m = measure(spec, lambda: postfix_cpu(pf), settle=pf.wait_empty)
         acknowledged = m.result.ok + m.result.warmup_ok
         discarded = pf.delivered(expect=sent_before + acknowledged) - sent_before
@@ -373,14 +395,22 @@ class Comparison:
         return m
 
     def row(self, case: Case, size: int, concurrency: int, messages: int) -> Row:
-        # Every client must be able to fill its connections with per_connection messages.
-        messages = max(messages, concurrency * case.per_connection)
+        # Two halves per side, run mailward, Postfix, Postfix, mailward: load from elsewhere on the
+        # machine that comes and goes during a row then weighs on both sides alike. Every client
+        # must be able to fill its connections with per_connection messages in each half.
+        half = max(messages // 2, concurrency * case.per_connection)
         problems: list[str] = []
-        mw = self.run_mailward(case, size, concurrency, messages, problems)
-        pf = self.run_postfix(case, size, concurrency, messages, problems)
+        with mailward_running(self.cert, self.key) as server:
+            mw1 = self.measure_mailward(server, case, size, concurrency, half, warmup=True)
+            pf1 = self.measure_postfix(case, size, concurrency, half, True, problems)
+            pf2 = self.measure_postfix(case, size, concurrency, half, False, problems)
+            mw2 = self.measure_mailward(server, case, size, concurrency, half, warmup=False)
+            mw = mw1 + mw2
+            self.check_mailward(server, mw, size, problems)
+        pf = pf1 + pf2
         warnings = [f"other processes kept {m.other_cores:.2f} cores busy during the {name} run"
                     for name, m in (("mailward", mw), ("Postfix", pf)) if m.other_cores > NOISY_CORES]
-        return Row(case, size, concurrency, messages, mw, pf, problems, warnings)
+        return Row(case, size, concurrency, 2 * half, mw, pf, problems, warnings)
 
 
 # --- output -------------------------------------------------------------------------------------------
@@ -390,10 +420,22 @@ NOTES = """\
 Both sides fsync every message before 250 (mailward: group commit into its SQLite WAL; Postfix: the
 queue file). Postfix then discards each message, mailward defers it (its next hop refuses); that
 work counts in the CPU columns. CPU is server CPU per acknowledged message.
-mailward's 465 and 587 rows include AUTH PLAIN with an argon2id check per connection; Postfix ran
-without SASL on all rows. The 25 rows are like for like: mailward's mx listener (no AUTH) against
-Postfix's STARTTLS smtpd. Every connection is a full TLS 1.3 handshake (ECDSA P-256, no resumption);
-the load generator runs on the same two cores (its CPU is not in the server columns)."""
+465 and 587: AUTH PLAIN once per connection on both sides, and the sender must belong to the login
+(Postfix: Cyrus SASL, sasldb, reject_sender_login_mismatch). Cyrus's sasldb holds the password
+itself and compares it; mailward verifies its argon2id hash once and then, for 5 minutes, an HMAC
+of the verified password (as saslauthd -c does).
+25: mailward's mx listener against a Postfix STARTTLS smtpd, neither with AUTH.
+Every connection is a full TLS 1.3 handshake (ECDSA P-256, no resumption); the load generator runs
+on the same two cores (its CPU is not in the server columns). Each side runs twice per row, in the
+order mailward, Postfix, Postfix, mailward; its figure covers both runs."""
+
+NOTES_NO_SASL = """\
+Postfix ran WITHOUT AUTH (saslpasswd2 or Cyrus's sasldb plugin missing: apt-get install sasl2-bin
+libsasl2-modules-db), so its 465 and 587 rows are not like for like."""
+
+
+def notes() -> str:
+    return NOTES if sasl_available() else NOTES + "\n" + NOTES_NO_SASL
 
 
 def format_table(rows: Sequence[Row]) -> str:
@@ -411,10 +453,15 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join([line(headers), "  ".join("-" * w for w in widths), *(line(c) for c in cells)])
 
 
-def compare(*, messages_small: int = 2000, messages_large: int = 500, cases: Sequence[Case] = CASES,
-            sizes: Sequence[int] = SIZES, concurrency: Sequence[int] = CONCURRENCY,
-            warmup: bool = True, verbose: bool = True) -> list[Row]:
-    """Run every row, mailward then Postfix, printing each as it completes."""
+MESSAGES_SMALL, MESSAGES_LARGE = 4000, 1500  # per row, both halves together
+QUICK_SMALL, QUICK_LARGE = 300, 100
+
+
+def compare(*, messages_small: int = MESSAGES_SMALL, messages_large: int = MESSAGES_LARGE,
+            cases: Sequence[Case] = CASES, sizes: Sequence[int] = SIZES,
+            concurrency: Sequence[int] = CONCURRENCY, warmup: bool = True,
+            verbose: bool = True) -> list[Row]:
+    """Run every row (mailward, Postfix, Postfix, mailward), printing each as it completes."""
     raise_nofile()
     rows: list[Row] = []
     tls_dir = Path(tempfile.mkdtemp(prefix="mailward-bench-tls-"))
@@ -460,9 +507,12 @@ def _select(keys: Sequence[str] | None) -> list[Case]:
 def main(argv: list[str] | None = None) -> int:
     doc = __doc__ or ""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer messages per row (300 / 100)")
-    parser.add_argument("--messages-small", type=int, help="messages per 2 KB row (default 2000)")
-    parser.add_argument("--messages-large", type=int, help="messages per 100 KB row (default 500)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"fewer messages per row ({QUICK_SMALL} / {QUICK_LARGE})")
+    parser.add_argument("--messages-small", type=int,
+                        help=f"messages per 2 KB row (default {MESSAGES_SMALL})")
+    parser.add_argument("--messages-large", type=int,
+                        help=f"messages per 100 KB row (default {MESSAGES_LARGE})")
     parser.add_argument("--only", nargs="+", metavar="ROW",
                         choices=[c.key for c in (*CASES, *PLAIN_CASES)],
                         help="rows to run: " + ", ".join(c.key for c in (*CASES, *PLAIN_CASES)))
@@ -471,8 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", help="client counts")
     parser.add_argument("--no-warmup", action="store_true")
     args = parser.parse_args(argv)
-    small = args.messages_small or (300 if args.quick else 2000)
-    large = args.messages_large or (100 if args.quick else 500)
+    small = args.messages_small or (QUICK_SMALL if args.quick else MESSAGES_SMALL)
+    large = args.messages_large or (QUICK_LARGE if args.quick else MESSAGES_LARGE)
     cases = _select(args.only) + (list(PLAIN_CASES) if args.plain else [])
     started = time.monotonic()
     rows = compare(messages_small=small, messages_large=large, cases=cases,
@@ -481,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(rows))
     print()
-    print(NOTES)
+    print(notes())
     print(f"({time.monotonic() - started:.0f}s)")
     return 1 if any(r.problems for r in rows) else 0
 

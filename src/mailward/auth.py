@@ -12,12 +12,15 @@ from __future__ import annotations
 import builtins
 import contextlib
 import fcntl
+import hashlib
+import hmac
 import ipaddress
 import logging
 import os
 import secrets
 import tempfile
 import threading
+import time
 import unicodedata
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
@@ -253,6 +256,53 @@ def default_hasher() -> PasswordHasher:
 
 _FILE_HEADER = "# mailward users: name:argon2id-hash:address,address (rewritten by `mailward user`)\n"
 
+VERIFIED_TTL = 300.0  # seconds a verified password is remembered
+VERIFIED_MAX = 4096  # logins remembered at once; the least recently verified go first
+
+
+class _VerifiedLogins:
+    """Passwords verified in the last VERIFIED_TTL seconds, so a client that connects once per
+    message pays argon2 (tens of ms of CPU) once, not on every connection; saslauthd's credential
+    cache (-c) and Dovecot's auth_cache do the same.
+
+    Only successes are kept, as HMAC-SHA256 digests under a key made at start-up, never the
+    passwords. A wrong password always costs the full argon2 check, and the stored hash is part
+    of the digest: a changed password or a removed user stops matching at once.
+    """
+
+    def __init__(self, ttl: float = VERIFIED_TTL, size: int = VERIFIED_MAX,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._key = secrets.token_bytes(32)
+        self._ttl = ttl
+        self._size = size
+        self._clock = clock
+        self._expiry: OrderedDict[bytes, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _digest(self, record: UserRecord, password: str) -> bytes:
+        # Neither the name nor the hash contains NUL, so the password is what follows the second.
+        text = f"{record.name}\0{record.password_hash}\0{password}".encode("utf-8", "surrogatepass")
+        return hmac.digest(self._key, text, hashlib.sha256)
+
+    def known(self, record: UserRecord, password: str) -> bool:
+        digest = self._digest(record, password)
+        with self._lock:
+            expiry = self._expiry.get(digest)
+            if expiry is None:
+                return False
+            if expiry <= self._clock():
+                del self._expiry[digest]
+                return False
+            return True
+
+    def remember(self, record: UserRecord, password: str) -> None:
+        digest = self._digest(record, password)
+        with self._lock:
+            self._expiry[digest] = self._clock() + self._ttl
+            self._expiry.move_to_end(digest)
+            while len(self._expiry) > self._size:
+                self._expiry.popitem(last=False)
+
 
 class UserStore:
     """The users file: one `name:argon2id-hash:addr1,addr2` per line, `#` comments.
@@ -270,6 +320,7 @@ class UserStore:
         self._stamp: tuple[int, int, int] | None = None
         # Unknown names are checked against this so that the reply time does not reveal them.
         self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(18))
+        self._verified = _VerifiedLogins()
 
     @property
     def path(self) -> Path:
@@ -303,12 +354,16 @@ class UserStore:
             with contextlib.suppress(VerificationError, InvalidHashError):
                 self._hasher.verify(self._dummy_hash, password)
             return None
+        if self._verified.known(record, password):
+            return record
         try:
             self._hasher.verify(record.password_hash, password)
         except (VerificationError, InvalidHashError):
             return None
         if self._hasher.check_needs_rehash(record.password_hash):
             self._rehash(record, password)
+        else:
+            self._verified.remember(record, password)
         return record
 
     def may_send_as(self, user: UserRecord | str, address: str) -> bool:

@@ -397,6 +397,51 @@ def test_unknown_user_still_costs_a_hash_verification(users_path):
     assert all(h.startswith("$argon2id$") for h in hasher.verified)
 
 
+def test_verified_password_is_remembered_not_rehashed(users_path):
+    hasher = CountingHasher()
+    store = UserStore(users_path, hasher=hasher)
+    store.add("alice", "pw")
+    hasher.verified.clear()
+    assert store.verify("alice", "pw") is not None
+    assert store.verify("ALICE", "pw") is not None
+    assert len(hasher.verified) == 1
+    # Wrong passwords are never answered from memory: each costs a full check.
+    assert store.verify("alice", "wrong") is None
+    assert store.verify("alice", "wrong") is None
+    assert len(hasher.verified) == 3
+
+
+def test_remembered_password_stops_matching_when_it_changes(store):
+    store.add("alice", "old")
+    store.add("bob", "pw")
+    assert store.verify("alice", "old") is not None
+    store.set_password("alice", "new")
+    assert store.verify("alice", "old") is None
+    assert store.verify("alice", "new") is not None
+    store.delete("alice")
+    assert store.verify("alice", "new") is None
+    assert store.verify("bob", "pw") is not None
+
+
+def test_remembered_password_expires():
+    from mailward.auth import UserRecord, _VerifiedLogins
+
+    now = [0.0]
+    logins = _VerifiedLogins(ttl=10.0, size=2, clock=lambda: now[0])
+    alice, bob, carol = (UserRecord(n, f"$argon2id$h-{n}") for n in ("alice", "bob", "carol"))
+    logins.remember(alice, "pw")
+    assert logins.known(alice, "pw")
+    assert not logins.known(alice, "pw2")
+    assert not logins.known(UserRecord("alice", "$argon2id$other"), "pw")
+    now[0] = 10.0
+    assert not logins.known(alice, "pw")
+    logins.remember(alice, "pw")
+    logins.remember(bob, "pw")
+    logins.remember(carol, "pw")  # over the size: the oldest goes
+    assert not logins.known(alice, "pw")
+    assert logins.known(bob, "pw") and logins.known(carol, "pw")
+
+
 def test_successful_verify_upgrades_old_hash(users_path):
     UserStore(users_path, hasher=cheap_hasher(time_cost=1)).add("alice", "pw", ["a@example.org"])
     old = UserStore(users_path, hasher=cheap_hasher(time_cost=1)).get("alice").password_hash
