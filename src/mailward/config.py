@@ -26,7 +26,7 @@ import stat
 import tomllib
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -219,6 +219,18 @@ def _route_domain(value: str) -> str:
     return _domain_name(value)
 
 
+def _policy_destination(value: str) -> str:
+    # A domain and ".domain" name MX destinations; brackets name a relay host, as Postfix's
+    # smtp_tls_policy_maps keys do ("[smtp.example.net]:587").
+    if value.startswith("["):
+        return _relay_key(parse_next_hop(value))
+    return _route_domain(value)
+
+
+def _relay_key(hop: NextHop) -> str:
+    return f"[{hop.host}]" if hop.port is None else f"[{hop.host}]:{hop.port}"
+
+
 def _local_part(value: str) -> str:
     if not value or "@" in value or any(c.isspace() or ord(c) < 0x20 or c == "\x7f" for c in value):
         raise ValueError(value)
@@ -238,6 +250,8 @@ LOG_LABEL = Check("up to 64 letters, digits, '.', '_' or '-'", _log_label)
 QUEUE_URL = Check("sqlite:///PATH", _queue_url)
 NON_EMPTY = Check("a non-empty array", _non_empty)
 ROUTE_DOMAIN = Check("a domain such as example.org, or .example.org for its subdomains", _route_domain)
+POLICY_DESTINATION = Check("a domain such as example.org, .example.org for its subdomains, or [host]:port "
+                           "for a relay", _policy_destination)
 NEXT_HOP = Check("[IP]:port, [IP], host:port, [host] or host", _next_hop)
 ENDPOINT = Check("an IP address, optionally with a port, such as 127.0.0.1 or [::1]:53", _endpoint_address)
 LMTP_TARGET = Check("unix:/path/to/socket or host:port", _lmtp_target)
@@ -245,7 +259,12 @@ LOCAL_PART = Check("the local part of an address, such as postmaster", _local_pa
 ALIAS_TARGET = Check("a local user such as alice or an address such as alice@example.org", _alias_target)
 
 ListenerKind = Literal["mx", "submission", "submissions"]
-RouteSecurity = Literal["none", "may", "encrypt", "verify"]
+# Outbound TLS security levels, weakest first; delivery.policy.SecurityLevel has the same values.
+SecurityLevelName = Literal["none", "may", "encrypt", "dane", "dane-only", "verify", "secure"]
+_LEVELS_DOC = ("none (never TLS), may (STARTTLS when offered), encrypt (TLS required, not "
+               "authenticated), dane (DANE when the host has DNSSEC-secure TLSA records, otherwise may), "
+               "dane-only (DANE or no delivery), verify (TLS with a certificate valid for the host name) or "
+               "secure (verify, and the MX records must be DNSSEC-secure)")
 SmarthostTls = Literal["implicit", "starttls"]
 Mechanism = Literal["PLAIN", "LOGIN"]
 
@@ -350,12 +369,22 @@ class RouteConfig:
         "recipient domain this route applies to; a leading '.' (\".example.org\") means its subdomains"))
     next_hop: Annotated[str, NEXT_HOP] = field(metadata=setting(
         "where its mail goes: [IP]:port or host:port connect there directly, host looks up the MX of host"))
-    security: RouteSecurity = field(metadata=setting(
-        "TLS for this route: none, may (STARTTLS when offered), encrypt (TLS required, not "
-        "authenticated) or verify (TLS with a certificate valid for the next-hop host)", "may"))
+    security: SecurityLevelName = field(metadata=setting(
+        "TLS security level of this route's next hop (delivery.policy does not apply to routed "
+        f"domains): {_LEVELS_DOC}", "may"))
     ca_file: Path | None = field(metadata=setting(
-        "PEM CA certificates to verify the next hop against with security = verify; default: the "
-        "system's", None))
+        "PEM CA certificates to verify the next hop against with security = verify or secure; default: "
+        "the system's", None))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PolicyConfig:
+    destination: Annotated[str, POLICY_DESTINATION] = field(metadata=setting(
+        "where the level applies: a recipient domain delivered by MX (example.org), its subdomains "
+        "(.example.org), or the smarthost as [host]:port; an exact domain beats the longest .suffix"))
+    level: SecurityLevelName = field(metadata=setting(f"TLS security level: {_LEVELS_DOC}"))
+    ca_file: Path | None = field(metadata=setting(
+        "PEM CA certificates for level verify or secure; default: the system's", None))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -414,8 +443,17 @@ class DeliveryConfig:
         "name sent in EHLO/HELO", Derived("hostname", lambda s: s.root["hostname"])))
     port: Annotated[int, Range(1, 65535)] = field(metadata=setting(
         "TCP port of MX hosts and of routes that name none", 25))
+    security: SecurityLevelName = field(metadata=setting(
+        f"TLS security level for MX delivery where no delivery.policy row applies: {_LEVELS_DOC}", "dane"))
+    may_retry_plaintext: bool = field(metadata=setting(
+        "true: at level may, a failed TLS handshake is retried once in plaintext on the same host "
+        "(Postfix's habit; logged as a downgrade); false defers instead, so whoever can break a "
+        "handshake cannot make mail go in clear", False))
     routes: tuple[RouteConfig, ...] = field(metadata=setting(
         "per-domain next hops, like Postfix's transport map", [], toml_name="route"))
+    policies: tuple[PolicyConfig, ...] = field(metadata=setting(
+        "TLS security levels per destination, like Postfix's smtp_tls_policy_maps; routes carry "
+        "their own security instead", [], toml_name="policy"))
     smarthost: SmarthostConfig | None = field(metadata=setting(
         "relay all non-local mail through this host instead of MX delivery", None))
 
@@ -732,6 +770,26 @@ def _check_whole(config: Config, raw: Mapping[str, Any], loader: _Loader) -> Non
             raise ConfigError(f"relay_domains[{i}] '{domain}' is also in local_domains; list each domain "
                               "in only one of them.")
     _check_delivery(config.delivery)
+    _check_policies(config)
+
+
+def match_domain(domain: str, patterns: Sequence[str]) -> int | None:
+    """The index of the pattern that decides for `domain`: the domain itself, else the longest
+    ".suffix" it ends with (Postfix's transport and TLS policy lookups); None when none does."""
+    best: int | None = None
+    for i, pattern in enumerate(patterns):
+        if pattern == domain:
+            return i
+        if pattern.startswith(".") and domain.endswith(pattern) and (
+                best is None or len(pattern) > len(patterns[best])):
+            best = i
+    return best
+
+
+def relay_matches(key: str, host: str, port: int) -> bool:
+    """Whether a "[host]" or "[host]:port" policy destination names the relay host:port."""
+    hop = parse_next_hop(key)
+    return hop.host == host and hop.port in (None, port)
 
 
 def _check_delivery(dc: DeliveryConfig) -> None:
@@ -757,6 +815,60 @@ def _check_delivery(dc: DeliveryConfig) -> None:
         if (sh.username is None) != (sh.password_file is None):
             raise ConfigError("delivery.smarthost needs both username and password_file for AUTH, or "
                               "neither; set the missing one.")
+
+
+def _check_policies(config: Config) -> None:
+    """Each delivery.policy row must be able to apply, so a typo cannot silently leave a default."""
+    dc = config.delivery
+    route_domains = [r.domain for r in dc.routes]
+    seen: dict[str, int] = {}
+    for i, row in enumerate(dc.policies):
+        key, name = row.destination, f"delivery.policy[{i}]"
+        if key in seen:
+            raise ConfigError(f"{name} repeats the destination '{key}' of delivery.policy[{seen[key]}]; keep "
+                              "one row per destination.")
+        seen[key] = i
+        if row.ca_file is not None and row.level not in ("verify", "secure"):
+            raise ConfigError(f"{name}.ca_file applies only to levels verify and secure, and the row's level "
+                              f"is '{row.level}'; remove ca_file or change the level.")
+        if key.startswith("["):
+            _check_relay_row(dc, i, row)
+            continue
+        # Routes decide before the policy table: a row wholly inside a route's domains is dead.
+        routed = next((j for j, r in enumerate(route_domains)
+                       if r == key or (r.startswith(".") and key.endswith(r))), None)
+        if routed is not None:
+            raise ConfigError(f"{name} ('{key}') never applies because delivery.route[{routed}] routes that "
+                              "domain; set security on that route instead.")
+        if key in config.local_domains:
+            raise ConfigError(f"{name} ('{key}') never applies because {key} is in local_domains, whose mail "
+                              "stays here; remove the row.")
+        if dc.smarthost is not None:
+            raise ConfigError(f"{name} ('{key}') never applies because delivery.smarthost relays all mail "
+                              "that is not local or routed; name the smarthost as [host]:port instead.")
+
+
+def _check_relay_row(dc: DeliveryConfig, i: int, row: PolicyConfig) -> None:
+    key, name = row.destination, f"delivery.policy[{i}]"
+    for j, route in enumerate(dc.routes):
+        hop = parse_next_hop(route.next_hop)
+        if not hop.mx and relay_matches(key, hop.host, hop.port or dc.port):
+            raise ConfigError(f"{name} ('{key}') names the next hop of delivery.route[{j}]; set security on "
+                              "that route instead.")
+    sh = dc.smarthost
+    if sh is None:
+        raise ConfigError(f"{name} ('{key}') names a relay, but no delivery.smarthost is set; name a "
+                          "recipient domain, or remove the row.")
+    host = parse_next_hop(sh.host).host
+    if not relay_matches(key, host, sh.port):
+        raise ConfigError(f"{name} ('{key}') names no relay: delivery.smarthost is [{host}]:{sh.port}; fix "
+                          "the host or port, or remove the row.")
+    if sh.username is not None and row.level not in ("verify", "secure"):
+        raise ConfigError(f"{name} sets level '{row.level}' for the smarthost, but it logs in with AUTH, "
+                          "which needs verified TLS; use verify or secure.")
+    if sh.tls == "implicit" and row.level == "none":
+        raise ConfigError(f"{name} sets level 'none' for a smarthost with tls = \"implicit\", which is TLS "
+                          "from the first byte; use tls = \"starttls\" or another level.")
 
 
 def _addresses_overlap(a: str, b: str) -> bool:

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from conftest import MakeServer, require_tool
@@ -164,16 +165,25 @@ class Received:
     data: bytes
 
 
+StartTlsMode = Literal["absent", "refuse", "broken"]
+
+
 class PickyServer:
     """An SMTP server on our own engine that answers each recipient by its local part:
-    soft-* gets 450 4.2.1, hard-* gets 550 5.1.1, anything else is accepted."""
+    soft-* gets 450 4.2.1, hard-* gets 550 5.1.1, anything else is accepted.
 
-    def __init__(self, *, broken_starttls: bool = False) -> None:
-        # broken_starttls: offer STARTTLS, say 220, then answer the ClientHello with plaintext.
-        self.broken_starttls = broken_starttls
+    `starttls`: "absent" does not offer STARTTLS (as a stripping attacker leaves EHLO), "refuse"
+    offers it and answers 454, "broken" says 220 and then answers the ClientHello with plaintext.
+    `broken_starttls=True` is the older spelling of "broken".
+    """
+
+    def __init__(self, *, broken_starttls: bool = False, starttls: StartTlsMode | None = None) -> None:
+        self.starttls: StartTlsMode = starttls or ("broken" if broken_starttls else "absent")
+        self.broken_starttls = self.starttls == "broken"
         self.port = free_port()
         self.received: list[Received] = []
         self.sessions = 0
+        self.mails = 0  # MAIL commands that reached us, whatever came of them
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
@@ -199,7 +209,7 @@ class PickyServer:
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.sessions += 1
-        eng = ServerConnection(ServerOptions(hostname="picky.test", starttls=self.broken_starttls))
+        eng = ServerConnection(ServerOptions(hostname="picky.test", starttls=self.starttls != "absent"))
         eng.greet()
         mail_from, rcpts, body = "", [], bytearray()
         try:
@@ -214,6 +224,7 @@ class PickyServer:
                     eng.receive_data(data)
                     continue
                 if isinstance(ev, MailReceived):
+                    self.mails += 1
                     mail_from, rcpts, body = str(ev.sender or ""), [], bytearray()
                     eng.accept()
                 elif isinstance(ev, RcptReceived):
@@ -233,8 +244,8 @@ class PickyServer:
                 elif isinstance(ev, EhloReceived | DataStarted):
                     eng.accept()
                 elif isinstance(ev, StartTlsRequested):
-                    if not self.broken_starttls:
-                        eng.respond(codes.TLS_UNAVAILABLE)
+                    if self.starttls != "broken":
+                        eng.respond(codes.TLS_UNAVAILABLE)  # 454 4.7.0
                         continue
                     eng.accept()
                     writer.write(eng.data_to_send() + b"this is not TLS\r\n")
@@ -371,8 +382,8 @@ def test_encrypt_without_verification(make_server: MakeServer, sink: Sink) -> No
     assert [m.rcpts for m in sink.messages()] == [["<dave@b2.test>"]]
 
 
-def test_failed_handshake_under_may_retries_in_clear_and_encrypt_defers(make_server: MakeServer) -> None:
-    with PickyServer(broken_starttls=True) as broken:
+def test_failed_handshake_defers_under_may_and_encrypt(make_server: MakeServer) -> None:
+    with PickyServer(starttls="broken") as broken:
         server = make_server(deliver=True, extra_toml=delivery_toml(
             route("may.test", f"[127.0.0.1]:{broken.port}"),
             route("enc.test", f"[127.0.0.1]:{broken.port}", security="encrypt"),
@@ -381,13 +392,39 @@ def test_failed_handshake_under_may_retries_in_clear_and_encrypt_defers(make_ser
         submit_mx(server, "sender@back.test", ["b@enc.test"], message("hs2"))
         wait_until(lambda: len(deliveries(server)) == 2, what="both results")
         lines = {d["rcpt"]: d for d in deliveries(server)}
-        # may: like Postfix, the same host once more without STARTTLS
-        assert lines["a@may.test"]["status"] == "sent" and lines["a@may.test"]["tls"] == "none"
-        assert [r.rcpts for r in broken.received] == [[("a@may.test", "")]]
-        # encrypt: never in clear
-        assert lines["b@enc.test"]["status"] == "deferred" and lines["b@enc.test"]["dsn"] == "4.7.0"
-        assert "TLS with 127.0.0.1[127.0.0.1]" in lines["b@enc.test"]["reply"]
+        # Whoever breaks a handshake must not get the mail in clear: not even at may, by default.
+        for rcpt in ("a@may.test", "b@enc.test"):
+            assert lines[rcpt]["status"] == "deferred" and lines[rcpt]["dsn"] == "4.7.0", lines[rcpt]
+            assert "TLS with 127.0.0.1[127.0.0.1]" in lines[rcpt]["reply"]
+        assert broken.mails == 0 and broken.received == []
         assert f"route:[127.0.0.1]:{broken.port}: 4.7.0 TLS with" in server.log()
+        assert "DOWNGRADE" not in server.log()
+        # The reason is kept per recipient, for `queue list`.
+        listing = server.cli("queue", "list").stdout
+        assert listing.count("4.7.0 TLS with 127.0.0.1[127.0.0.1]") == 2, listing
+        stored = {r.recipient.address: r for m, _ in server.messages() for r in m.recipients}
+        tls = stored["a@may.test"].tls
+        assert tls is not None and tls.policy == "may" and tls.protocol is None and tls.failure
+
+
+def test_failed_handshake_under_may_retries_in_clear_only_when_allowed(make_server: MakeServer) -> None:
+    with PickyServer(starttls="broken") as broken:
+        server = make_server(deliver=True, extra_toml=delivery_toml(
+            route("may.test", f"[127.0.0.1]:{broken.port}"),
+            route("enc.test", f"[127.0.0.1]:{broken.port}", security="encrypt"),
+            relay=("may.test", "enc.test"), may_retry_plaintext="true"))
+        submit_mx(server, "sender@back.test", ["a@may.test"], message("hs3"))
+        submit_mx(server, "sender@back.test", ["b@enc.test"], message("hs4"))
+        wait_until(lambda: len(deliveries(server)) == 2, what="both results")
+        lines = {d["rcpt"]: d for d in deliveries(server)}
+        # may with the opt-in: the same host once more without STARTTLS, logged as a downgrade
+        assert lines["a@may.test"]["status"] == "sent"
+        assert [r.rcpts for r in broken.received] == [[("a@may.test", "")]]
+        assert (f"route:[127.0.0.1]:{broken.port}: TLS DOWNGRADE: retrying "
+                f"127.0.0.1[127.0.0.1]:{broken.port} without TLS") in server.log()
+        # encrypt: never in clear, whatever the opt-in says
+        assert lines["b@enc.test"]["status"] == "deferred" and lines["b@enc.test"]["dsn"] == "4.7.0"
+        assert broken.mails == 1
 
 
 def test_silent_host_times_out_then_is_skipped(make_server: MakeServer) -> None:

@@ -25,6 +25,7 @@ from mailward.config import (
     ListenerConfig,
     LocalConfig,
     LogConfig,
+    PolicyConfig,
     QueueConfig,
     RouteConfig,
     SmarthostConfig,
@@ -187,12 +188,19 @@ dead_host_seconds = 120
 lease_seconds = 300
 helo_name = "out.example.net"
 port = 2525
+security = "dane-only"
+may_retry_plaintext = true
 
 [[delivery.route]]
 domain = ".partner.example"
 next_hop = "[192.0.2.25]:2526"
 security = "verify"
 ca_file = "tls/partner-ca.pem"
+
+[[delivery.policy]]
+destination = "[SMTP.example.org]:587"
+level = "secure"
+ca_file = "tls/relay-ca.pem"
 
 [delivery.smarthost]
 host = "smtp.example.org"
@@ -249,9 +257,11 @@ def test_full_file_loads_every_value(tmp_path: Path, monkeypatch: pytest.MonkeyP
             enabled=False, concurrency=50, per_destination=10, slow_start_initial=3, connect_timeout=20.0,
             command_timeout=120.0, data_timeout=300.0, retry_initial=60.0, retry_max=3600.0,
             max_lifetime=86400.0, delay_warning=0.0, dead_host_seconds=120.0, lease_seconds=300.0,
-            helo_name="out.example.net", port=2525,
+            helo_name="out.example.net", port=2525, security="dane-only", may_retry_plaintext=True,
             routes=(RouteConfig(domain=".partner.example", next_hop="[192.0.2.25]:2526", security="verify",
                                 ca_file=etc / "tls/partner-ca.pem"),),
+            policies=(PolicyConfig(destination="[smtp.example.org]:587", level="secure",
+                                   ca_file=etc / "tls/relay-ca.pem"),),
             smarthost=SmarthostConfig(host="smtp.example.org", tls="starttls", port=587, username="relay",
                                       password_file=etc / "relay-password", ca_file=None)),
         dns=DnsConfig(resolvers=("127.0.0.1", "[::1]:5353"), timeout=2.0),
@@ -382,8 +392,68 @@ ERRORS: list[tuple[dict[str, Any], str]] = [
      "delivery.route[0].next_hop must be [IP]:port, [IP], host:port, [host] or host, got '[192.0.2.1]:0'."),
     ({**L, "delivery": {"route": [{"domain": "..a.example", "next_hop": "b.example"}]}},
      "delivery.route[0].domain must be a domain such as example.org, or .example.org for its subdomains"),
-    ({**L, "delivery": {"route": [{"domain": "a.example", "next_hop": "b.example", "security": "dane"}]}},
-     "delivery.route[0].security must be one of 'none', 'may', 'encrypt', 'verify', got 'dane'."),
+    ({**L, "delivery": {"route": [{"domain": "a.example", "next_hop": "b.example",
+                                   "security": "dane_only"}]}},
+     "delivery.route[0].security must be one of 'none', 'may', 'encrypt', 'dane', 'dane-only', 'verify', "
+     "'secure', got 'dane_only'; did you mean 'dane-only'?"),
+    ({**L, "delivery": {"security": "opportunistic"}},
+     "delivery.security must be one of 'none', 'may', 'encrypt', 'dane', 'dane-only', 'verify', 'secure', "
+     "got 'opportunistic'."),
+    ({**L, "delivery": {"may_retry_plaintext": "yes"}},
+     "delivery.may_retry_plaintext must be true or false, got 'yes'."),
+    ({**L, "delivery": {"policy": {"destination": "a.example", "level": "verify"}}},
+     "delivery.policy must be an array of tables; write [[delivery.policy]] instead of [delivery.policy]."),
+    ({**L, "delivery": {"policy": [{"destination": "a.example", "level": "Verify"}]}},
+     "delivery.policy[0].level must be one of 'none', 'may', 'encrypt', 'dane', 'dane-only', 'verify', "
+     "'secure', got 'Verify'; did you mean 'verify'?"),
+    ({**L, "delivery": {"policy": [{"destination": "a.example"}]}},
+     "delivery.policy[0].level is missing; set it to one of 'none', 'may', 'encrypt', 'dane', 'dane-only', "
+     "'verify', 'secure'."),
+    ({**L, "delivery": {"policy": [{"destination": "smtp.example.org:587", "level": "verify"}]}},
+     "delivery.policy[0].destination must be a domain such as example.org, .example.org for its subdomains, "
+     "or [host]:port for a relay, got 'smtp.example.org:587'."),
+    ({**L, "delivery": {"policy": [{"destination": "*.example.org", "level": "verify"}]}},
+     "delivery.policy[0].destination must be a domain such as example.org, .example.org for its subdomains, "
+     "or [host]:port for a relay, got '*.example.org'."),
+    ({**L, "delivery": {"policy": [{"destination": "a.example", "level": "verify"},
+                                   {"destination": "A.Example.", "level": "may"}]}},
+     "delivery.policy[1] repeats the destination 'a.example' of delivery.policy[0]; keep one row per "
+     "destination."),
+    ({**L, "delivery": {"policy": [{"destination": "a.example", "level": "encrypt",
+                                    "ca_file": "/etc/ca.pem"}]}},
+     "delivery.policy[0].ca_file applies only to levels verify and secure, and the row's level is 'encrypt'; "
+     "remove ca_file or change the level."),
+    ({**L, "delivery": {"route": [{"domain": ".a.example", "next_hop": "[192.0.2.1]"}],
+                        "policy": [{"destination": ".sub.a.example", "level": "verify"}]}},
+     "delivery.policy[0] ('.sub.a.example') never applies because delivery.route[0] routes that domain; set "
+     "security on that route instead."),
+    ({**L, "delivery": {"route": [{"domain": "a.example", "next_hop": "[192.0.2.1]:2525"}],
+                        "policy": [{"destination": "[192.0.2.1]:2525", "level": "verify"}]}},
+     "delivery.policy[0] ('[192.0.2.1]:2525') names the next hop of delivery.route[0]; set security on that "
+     "route instead."),
+    ({**L, "local_domains": ["example.com"], "delivery": {"policy": [{"destination": "example.com",
+                                                                      "level": "verify"}]}},
+     "delivery.policy[0] ('example.com') never applies because example.com is in local_domains, whose mail "
+     "stays here; remove the row."),
+    ({**L, "delivery": {"policy": [{"destination": "[smtp.example.org]", "level": "verify"}]}},
+     "delivery.policy[0] ('[smtp.example.org]') names a relay, but no delivery.smarthost is set; name a "
+     "recipient domain, or remove the row."),
+    ({**L, "delivery": {"smarthost": {"host": "smtp.example.org"},
+                        "policy": [{"destination": "[smtp.example.org]:587", "level": "verify"}]}},
+     "delivery.policy[0] ('[smtp.example.org]:587') names no relay: delivery.smarthost is "
+     "[smtp.example.org]:465; fix the host or port, or remove the row."),
+    ({**L, "delivery": {"smarthost": {"host": "smtp.example.org"},
+                        "policy": [{"destination": "example.org", "level": "verify"}]}},
+     "delivery.policy[0] ('example.org') never applies because delivery.smarthost relays all mail that is "
+     "not local or routed; name the smarthost as [host]:port instead."),
+    ({**L, "delivery": {"smarthost": {"host": "smtp.example.org", "username": "u", "password_file": "/p"},
+                        "policy": [{"destination": "[smtp.example.org]", "level": "encrypt"}]}},
+     "delivery.policy[0] sets level 'encrypt' for the smarthost, but it logs in with AUTH, which needs "
+     "verified TLS; use verify or secure."),
+    ({**L, "delivery": {"smarthost": {"host": "smtp.example.org"},
+                        "policy": [{"destination": "[smtp.example.org]", "level": "none"}]}},
+     "delivery.policy[0] sets level 'none' for a smarthost with tls = \"implicit\", which is TLS from the "
+     "first byte; use tls = \"starttls\" or another level."),
     ({**L, "delivery": {"route": [{"domain": "a.example", "next_hop": "b.example"},
                                   {"domain": "A.example", "next_hop": "c.example"}]}},
      "delivery.route[1] repeats the domain 'a.example' of delivery.route[0]; keep one route per domain."),
@@ -636,7 +706,8 @@ def described_keys(text: str) -> list[str]:
 
 def test_every_schema_field_has_a_doc() -> None:
     for cls in (Config, ListenerConfig, TlsConfig, CertificateConfig, AuthConfig, QueueConfig, LogConfig,
-                DeliveryConfig, RouteConfig, SmarthostConfig, DnsConfig, LocalConfig, AliasConfig):
+                DeliveryConfig, RouteConfig, PolicyConfig, SmarthostConfig, DnsConfig, LocalConfig,
+                AliasConfig):
         for f in dataclasses.fields(cls):
             assert f.metadata["mailward.setting"].doc, f"{cls.__name__}.{f.name}"
 
@@ -644,7 +715,8 @@ def test_every_schema_field_has_a_doc() -> None:
 def test_describe_lists_every_declared_key_exactly_once() -> None:
     cfg = load({"listener": [{"kind": "submissions"}], "tls": CERTS,
                 "delivery": {"route": [{"domain": "example.net", "next_hop": "[192.0.2.1]:25"}],
-                             "smarthost": {"host": "smtp.example.org"}},
+                             "smarthost": {"host": "smtp.example.org"},
+                             "policy": [{"destination": "[smtp.example.org]", "level": "encrypt"}]},
                 "local": {"alias": [{"name": "postmaster", "targets": ["alice"]}]}})
     keys = described_keys(describe(cfg))
     assert sorted(keys) == sorted(declared_keys())

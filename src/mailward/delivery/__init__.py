@@ -685,6 +685,10 @@ class Deliverer:
             if error.dead:
                 self.dead.mark(candidate.address, candidate.port, self.clock())
             if error.retry_plaintext:
+                # Only with delivery.may_retry_plaintext: whoever broke the handshake may be the one
+                # reading what follows, so the operator must be able to find every such retry.
+                log.warning("%s: TLS DOWNGRADE: retrying %s without TLS after a failed handshake, because "
+                            "delivery.may_retry_plaintext is true", decision.destination.key, candidate.relay)
                 try:
                     return await Session.open(candidate, settings, plaintext=True)
                 except AttemptError as exc:

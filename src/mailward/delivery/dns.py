@@ -144,8 +144,12 @@ class NextHops:
     cname_chain: tuple[str, ...] = ()  # the domain's own CNAME expansion, if any
 
     def facts(self) -> RouteFacts:
+        secure = self.status == "secure"
+        # The AD bit covers the CNAME chain too, so a secure answer makes its target a DANE-TA name.
+        canonical = self.cname_chain[-1] if secure and self.cname_chain else None
         return RouteFacts(hosts=tuple(h.host.facts(h.preference) for h in self.hosts),
-                          null_mx=self.null_mx, mx_secure=self.status == "secure", implicit_mx=self.implicit)
+                          null_mx=self.null_mx, mx_secure=secure, implicit_mx=self.implicit,
+                          canonical_domain=canonical)
 
 
 @dataclass(frozen=True, slots=True)

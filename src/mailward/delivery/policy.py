@@ -10,13 +10,18 @@ Two functions, both free of I/O so they are tested row by row from a table (DESI
   connections, each with the `TlsRequirement` the attempt must meet, or one `Refusal` saying why
   no connection may be made (Null MX, no address, REQUIRETLS without an authenticated path).
 
-Security levels use Postfix's vocabulary. This version enforces none, may, encrypt and verify
-(and secure, as verify over a DNSSEC-secure MX set). `dane`, the design default for MX delivery,
-is evaluated from `tlsa` facts per RFC 7672; until those lookups exist the caller passes none and
-`dane` behaves as `may`, exactly as RFC 7672 prescribes for a domain without secure TLSA records.
-`dane-only` without usable TLSA facts refuses. MTA-STS (RFC 8461) enters through `sts`: an enforced
-policy keeps only matching MX hosts and demands PKIX verification against the MX host name.
+Security levels use Postfix's vocabulary (DESIGN.md "Outbound TLS security levels"). The level of
+a destination comes from one place: a route's own `security`, else for MX delivery the
+`[[delivery.policy]]` row for the domain (exact, then the longest ".suffix"), else
+`delivery.security` (default `dane`); the smarthost is `verify` unless a `[host]:port` row names it.
+`dane` and `dane-only` are evaluated from `tlsa` facts per RFC 7672; without secure TLSA records
+`dane` behaves as `may` and `dane-only` refuses. MTA-STS (RFC 8461) enters through `sts`: an
+enforced policy keeps only matching MX hosts and demands PKIX verification against the MX host name.
 DANE outranks MTA-STS: a host with secure TLSA facts is judged by them alone.
+
+No level lets a connection fall back to plaintext once TLS was tried and failed, except `may` when
+the operator opted in with `delivery.may_retry_plaintext` (Exim's `tls_tempfail_tryclear` and
+Postfix retry in clear by default; an attacker who can break a handshake then reads the mail).
 """
 
 from __future__ import annotations
@@ -27,7 +32,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from mailward.config import Config, NextHop, parse_next_hop
+from mailward.config import (
+    Config,
+    DeliveryConfig,
+    NextHop,
+    match_domain,
+    parse_next_hop,
+    relay_matches,
+)
 
 __all__ = [
     "Candidate",
@@ -43,10 +55,12 @@ __all__ = [
     "TlsaFacts",
     "TlsaRecord",
     "VerifyMode",
+    "dane_unavailable",
     "destination_for",
     "literal_facts",
     "plan",
     "sts_matches",
+    "tlsa_hosts",
 ]
 
 
@@ -85,6 +99,10 @@ class Destination:
     implicit_tls: bool = False  # TLS from the first byte (smarthost on 465)
     ca_file: Path | None = None
     authenticate: bool = False  # send AUTH (smarthost with credentials)
+    # Where `level` was configured, for people. Not part of equality: routes of several domains
+    # to one next hop at one level still share connections, and say the first route's name.
+    level_source: str = field(default="delivery.security, the default", compare=False)
+    may_retry_plaintext: bool = False  # delivery.may_retry_plaintext: `may` retries in clear
 
     @property
     def uses_mx(self) -> bool:
@@ -96,7 +114,8 @@ class Destination:
         return self.domain if self.next_hop is None else self.next_hop.host
 
 
-LOCAL = Destination(key="local", kind="local", domain="", level=SecurityLevel.NONE)
+LOCAL = Destination(key="local", kind="local", domain="", level=SecurityLevel.NONE,
+                    level_source="local_domains: delivered here without SMTP")
 
 
 def destination_for(domain: str, config: Config) -> Destination:
@@ -104,46 +123,69 @@ def destination_for(domain: str, config: Config) -> Destination:
 
     Order: local domains, then a route for the domain itself, then the longest ".suffix" route,
     then the smarthost, then MX delivery. A domain-less recipient (<postmaster>) is local.
+    The level follows the same order: the route's `security`, the smarthost's `[host]:port`
+    policy row (else verify), the domain's policy row (exact, then longest ".suffix"), and
+    finally `delivery.security`.
     """
     dc = config.delivery
     if not domain or domain in config.local_domains:
         return LOCAL
-    route = None
-    for r in dc.routes:
-        if r.domain == domain:
-            route = r
-            break
-    if route is None:
-        suffixes = [r for r in dc.routes if r.domain.startswith(".") and domain.endswith(r.domain)]
-        if suffixes:
-            route = max(suffixes, key=lambda r: len(r.domain))
-    if route is not None:
+    retry = dc.may_retry_plaintext
+    i = match_domain(domain, [r.domain for r in dc.routes])
+    if i is not None:
+        route = dc.routes[i]
         hop = parse_next_hop(route.next_hop)
+        source = f"delivery.route[{i}] for {route.domain}"
+        level = SecurityLevel(route.security)
         if hop.mx:
             return Destination(
                 key=f"route:{hop}", kind="route", domain=hop.host, next_hop=None, port=dc.port,
-                level=SecurityLevel(route.security), ca_file=route.ca_file,
+                level=level, ca_file=route.ca_file, level_source=source, may_retry_plaintext=retry,
             )
         return Destination(
             key=f"route:{hop}", kind="route", domain=hop.host, next_hop=hop, port=hop.port or dc.port,
-            level=SecurityLevel(route.security), ca_file=route.ca_file,
+            level=level, ca_file=route.ca_file, level_source=source, may_retry_plaintext=retry,
         )
     sh = dc.smarthost
     if sh is not None:
         hop = replace(parse_next_hop(sh.host), port=sh.port, mx=False)
+        level, ca_file, source = _relay_level(dc, hop.host, sh.port)
         return Destination(
             key=f"smarthost:{hop}", kind="smarthost", domain=hop.host, next_hop=hop, port=sh.port,
-            level=SecurityLevel.VERIFY, implicit_tls=sh.tls == "implicit", ca_file=sh.ca_file,
-            authenticate=sh.username is not None,
+            level=level, implicit_tls=sh.tls == "implicit", ca_file=ca_file or sh.ca_file,
+            authenticate=sh.username is not None, level_source=source, may_retry_plaintext=retry,
         )
     if domain.startswith("["):
-        # RFC 5321 §4.1.3 address literal: that address, no DNS, opportunistic TLS.
+        # RFC 5321 §4.1.3 address literal: that address, no DNS; only the global level names it.
         text = domain[1:-1]
         text = text[5:] if text.lower().startswith("ipv6:") else text
         hop = NextHop(text, None, literal=True, mx=False)
         return Destination(key=f"mx:{domain}", kind="mx", domain=domain, next_hop=hop, port=dc.port,
-                           level=SecurityLevel.MAY)
-    return Destination(key=f"mx:{domain}", kind="mx", domain=domain, port=dc.port)
+                           level=SecurityLevel(dc.security),
+                           level_source="delivery.security, the default for address literals",
+                           may_retry_plaintext=retry)
+    level, ca_file, source = _domain_level(dc, domain)
+    return Destination(key=f"mx:{domain}", kind="mx", domain=domain, port=dc.port, level=level,
+                       ca_file=ca_file, level_source=source, may_retry_plaintext=retry)
+
+
+def _domain_level(dc: DeliveryConfig, domain: str) -> tuple[SecurityLevel, Path | None, str]:
+    """An MX destination's level: its policy row (exact, then longest ".suffix"), else the default."""
+    j = match_domain(domain, [p.destination for p in dc.policies])
+    if j is None:
+        return SecurityLevel(dc.security), None, "delivery.security, the default"
+    row = dc.policies[j]
+    return SecurityLevel(row.level), row.ca_file, f"delivery.policy[{j}] for {row.destination}"
+
+
+def _relay_level(dc: DeliveryConfig, host: str, port: int) -> tuple[SecurityLevel, Path | None, str]:
+    """The smarthost's level: a "[host]:port" row, else a "[host]" row, else verify."""
+    rows = [(j, p) for j, p in enumerate(dc.policies)
+            if p.destination.startswith("[") and relay_matches(p.destination, host, port)]
+    if not rows:
+        return SecurityLevel.VERIFY, None, "delivery.smarthost, always verified"
+    j, row = max(rows, key=lambda r: not r[1].destination.endswith("]"))  # a port beats no port
+    return SecurityLevel(row.level), row.ca_file, f"delivery.policy[{j}] for {row.destination}"
 
 
 # --- facts ------------------------------------------------------------------------------------------
@@ -167,6 +209,7 @@ class RouteFacts:
     null_mx: bool = False  # RFC 7505: the domain accepts no mail
     mx_secure: bool = False  # the MX RRset validated (DNSSEC)
     implicit_mx: bool = False  # no MX: the domain's own address records
+    canonical_domain: str | None = None  # the next-hop domain after a secure CNAME expansion, if any
 
 
 def literal_facts(destination: Destination) -> RouteFacts:
@@ -243,8 +286,8 @@ class TlsRequirement:
     verify_name: str | None = None  # reference identity for PKIX, and the SNI name
     ca_file: Path | None = None
     implicit: bool = False  # TLS before the greeting
-    # `may` only: a failed handshake is retried on the same host without STARTTLS, like
-    # Postfix and unlike a policy that demands TLS.
+    # `may` with delivery.may_retry_plaintext only: a failed handshake is retried on the same host
+    # without STARTTLS. Off by default: it hands the mail to whoever can break the handshake.
     plaintext_after_failed_handshake: bool = False
     tlsa: tuple[TlsaRecord, ...] = ()  # DANE: the records the peer must match
     dane_names: tuple[str, ...] = ()  # DANE-TA reference identifiers (RFC 7672 §3.2.2)
@@ -301,14 +344,21 @@ def plan(
 ) -> Plan:
     """Decide which addresses may carry the mail and with what TLS.
 
-    `tlsa` maps MX host names to their TLSA lookups (DANE; None: not looked up). `sts` is the
-    domain's valid MTA-STS policy, if any. Both are consulted only at the `dane` levels, which is
-    where DANE and MTA-STS apply; an explicit level such as a route's `verify` is taken as is.
+    `tlsa` maps host names to their TLSA lookups (DANE; None: not looked up; `tlsa_hosts` says
+    which hosts to look up). `sts` is the domain's valid MTA-STS policy, if any. Both are consulted
+    only at the `dane` levels, which is where DANE and MTA-STS apply; an explicit level such as
+    `verify` is taken as is. Hosts keep their MX preference order whatever their TLS: a worse MX
+    with TLSA records never pre-empts a better one without (RFC 7672 §2.2.1).
     """
     if facts.null_mx:
         return Plan(destination, refusal=Refusal(
             True, "5.1.10", f"Null MX: {destination.domain} does not accept mail (RFC 7505)"))
     level = destination.level
+    if level is SecurityLevel.SECURE and destination.uses_mx and not facts.mx_secure:
+        # Without DNSSEC an attacker chooses the MX host, and then PKIX proves only that host's name.
+        return Plan(destination, refusal=Refusal(
+            False, "4.7.5", f"level secure ({destination.level_source}) needs DNSSEC-secure MX records, "
+                            f"and those of {destination.domain} are not"))
     candidates: list[Candidate] = []
     skipped: list[str] = []
     for host in facts.hosts:
@@ -328,6 +378,15 @@ def plan(
         return Plan(destination, tuple(candidates), skipped=tuple(skipped))
     return Plan(destination, refusal=_no_candidates(destination, facts, requiretls, skipped),
                 skipped=tuple(skipped))
+
+
+def tlsa_hosts(destination: Destination, facts: RouteFacts) -> tuple[str, ...]:
+    """The hosts whose TLSA records `plan` would consult: at the dane levels, hosts that DANE can
+    apply to (RFC 7672 §2.2.1, §2.2.2). Other hosts need no TLSA lookup, and must not get one
+    where their address records are insecure (broken nameservers, §2.2.2)."""
+    if destination.level not in (SecurityLevel.DANE, SecurityLevel.DANE_ONLY):
+        return ()
+    return tuple(h.name for h in facts.hosts if dane_unavailable(destination, facts, h) is None)
 
 
 def _no_candidates(destination: Destination, facts: RouteFacts, requiretls: bool,
@@ -357,36 +416,53 @@ def _requirement(
     """The TLS requirement for one host, or None and the reason it may not be used."""
     ca = destination.ca_file
     implicit = destination.implicit_tls
+    origin = f"{level} from {destination.level_source}"
     if level is SecurityLevel.NONE:
-        return TlsRequirement(level, starttls=False, required=False, reason="policy: none"), ""
+        return TlsRequirement(level, starttls=False, required=False, reason=origin), ""
     if level is SecurityLevel.MAY:
-        return _may("policy: may", implicit), ""
+        return _may(destination, origin), ""
     if level is SecurityLevel.ENCRYPT:
-        return TlsRequirement(level, starttls=True, required=True, implicit=implicit,
-                              reason="policy: encrypt"), ""
+        return TlsRequirement(level, starttls=True, required=True, implicit=implicit, reason=origin), ""
     if level in (SecurityLevel.VERIFY, SecurityLevel.SECURE):
-        if level is SecurityLevel.SECURE and destination.uses_mx and not facts.mx_secure:
-            return None, "level secure needs a DNSSEC-secure MX set"
         return TlsRequirement(level, starttls=True, required=True, verify="pkix", verify_name=host.name,
-                              ca_file=ca, implicit=implicit, reason=f"policy: {level}"), ""
+                              ca_file=ca, implicit=implicit, reason=origin), ""
     # dane / dane-only: RFC 7672 first, then MTA-STS, then opportunistic.
-    dane = _dane(destination, facts, host, tlsa)
-    if dane is not None:
+    dane = _dane(destination, facts, host, tlsa, origin)
+    if isinstance(dane, tuple):
+        requirement = dane[0]
+        if level is SecurityLevel.DANE_ONLY and requirement is not None and not requirement.authenticated:
+            # Postfix's dane-only: records that cannot authenticate are as good as none.
+            return None, "dane-only, and its DNSSEC-secure TLSA records are all unusable"
         return dane
     if level is SecurityLevel.DANE_ONLY:
-        return None, "dane-only and no secure usable TLSA records"
+        return None, f"dane-only, and {dane}"
     if sts is not None and sts.mode == "enforce":
         if not any(sts_matches(p, host.name) for p in sts.mx):
             return None, "not listed in the MTA-STS policy"
         return TlsRequirement(SecurityLevel.VERIFY, starttls=True, required=True, verify="pkix",
-                              verify_name=host.name, reason="MTA-STS enforce"), ""
-    reason = "no TLSA lookup" if tlsa is None else "no secure TLSA records"
-    return _may(f"dane: {reason}, opportunistic", implicit), ""
+                              verify_name=host.name, implicit=implicit,
+                              reason=f"{origin}: MTA-STS policy in enforce mode"), ""
+    return _may(destination, f"{origin}: {dane}, so opportunistic TLS"), ""
 
 
-def _may(reason: str, implicit: bool) -> TlsRequirement:
-    return TlsRequirement(SecurityLevel.MAY, starttls=True, required=False, implicit=implicit,
-                          plaintext_after_failed_handshake=True, reason=reason)
+def _may(destination: Destination, reason: str) -> TlsRequirement:
+    # An implicit-TLS connection has no plaintext to fall back to.
+    retry = destination.may_retry_plaintext and not destination.implicit_tls
+    return TlsRequirement(SecurityLevel.MAY, starttls=True, required=False, implicit=destination.implicit_tls,
+                          plaintext_after_failed_handshake=retry, reason=reason)
+
+
+def dane_unavailable(destination: Destination, facts: RouteFacts, host: HostFacts) -> str | None:
+    """Why DANE cannot apply to this host whatever its TLSA records say, or None when it can."""
+    # §2.2.1: an attacker who forges an insecure MX answer chooses the hosts, so their TLSA records
+    # prove nothing about the destination. The next-hop domain as its own host (implicit MX, or an
+    # MX naming the domain itself) was not chosen by that answer, so §2.2.2 applies to it.
+    if destination.uses_mx and not (facts.mx_secure or facts.implicit_mx or host.name == destination.domain):
+        return "the MX records are not DNSSEC-secure"
+    # §2.2.2: TLSA only for hosts whose address records are secure.
+    if not host.secure:
+        return "its address records are not DNSSEC-secure"
+    return None
 
 
 def _dane(
@@ -394,33 +470,38 @@ def _dane(
     facts: RouteFacts,
     host: HostFacts,
     tlsa: Mapping[str, TlsaFacts] | None,
-) -> tuple[TlsRequirement | None, str] | None:
-    """RFC 7672 §2.2: the DANE verdict for a host, or None when DANE does not apply to it."""
-    if tlsa is None:
-        return None
-    # §2.2.1/§2.2.2: DANE needs a secure MX set (or no MX at all) and secure address records.
-    if destination.uses_mx and not (facts.mx_secure or facts.implicit_mx):
-        return None
-    if not host.secure:
-        return None
-    found = tlsa.get(host.name)
-    if found is None or found.status == "insecure":
-        return None
+    origin: str,
+) -> tuple[TlsRequirement | None, str] | str:
+    """RFC 7672 §2.2 for one host: the requirement (or None and why the host is unusable) when
+    DANE decides; otherwise the reason DANE does not apply, for the fallback to say."""
+    unavailable = dane_unavailable(destination, facts, host)
+    if unavailable is not None:
+        return unavailable
+    found = None if tlsa is None else tlsa.get(host.name)
+    if found is None:
+        return "no TLSA lookup was made"
+    if found.status == "insecure":
+        return "its TLSA records are not DNSSEC-secure"
     if found.status == "bogus":
+        # §2.1.1: a failed lookup is never "no records": the host is unusable, the next MX or a defer.
         return None, "TLSA lookup failed or is bogus (RFC 7672 §2.1.1)"
     if not found.records:
-        return None
+        return "it has no TLSA records (DNSSEC-secure denial)"
+    implicit = destination.implicit_tls
     usable = found.usable
     if not usable:
         # §2.2.3: secure but unusable records still make TLS mandatory, unauthenticated.
-        return TlsRequirement(SecurityLevel.ENCRYPT, starttls=True, required=True,
-                              reason="dane: only unusable TLSA records"), ""
+        return TlsRequirement(SecurityLevel.ENCRYPT, starttls=True, required=True, implicit=implicit,
+                              reason=f"{origin}: only unusable TLSA records, so TLS without "
+                                     "authentication"), ""
     base = found.base_domain or host.name
     # §3.2.2: the TLSA base domain, the MX host as named, and with a secure MX RRset also the
-    # next-hop domain (Postfix's "nexthop, hostname").
+    # next-hop domain and its CNAME expansion (Postfix's "nexthop, hostname").
     names = [base, host.name]
     if destination.uses_mx and facts.mx_secure:
         names.append(destination.domain)
+        if facts.canonical_domain:
+            names.append(facts.canonical_domain)
     return TlsRequirement(SecurityLevel.DANE, starttls=True, required=True, verify="dane",
                           verify_name=base, tlsa=usable, dane_names=tuple(dict.fromkeys(names)),
-                          reason="dane: secure TLSA records"), ""
+                          implicit=implicit, reason=f"{origin}: DNSSEC-secure TLSA records"), ""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mailward.config import NextHop, config_from_dict
+from mailward.config import NextHop, SecurityLevelName, config_from_dict
+from mailward.delivery.dns import HostAddresses, MailHost, NextHops
 from mailward.delivery.policy import (
     Destination,
     HostFacts,
@@ -20,6 +22,7 @@ from mailward.delivery.policy import (
     literal_facts,
     plan,
     sts_matches,
+    tlsa_hosts,
 )
 
 L = SecurityLevel
@@ -59,9 +62,9 @@ ROUTES = [
     # everything else: MX delivery at the design default, dane
     ("example.org", "mx:example.org", "mx", "example.org", 25, L.DANE, False),
     ("notpartner.example", "mx:notpartner.example", "mx", "notpartner.example", 25, L.DANE, False),
-    # an address literal: that address, opportunistic TLS
-    ("[192.0.2.7]", "mx:[192.0.2.7]", "mx", "192.0.2.7", 25, L.MAY, True),
-    ("[ipv6:2001:db8::7]", "mx:[ipv6:2001:db8::7]", "mx", "2001:db8::7", 25, L.MAY, True),
+    # an address literal: that address, at the global level (dane: no TLSA, so opportunistic)
+    ("[192.0.2.7]", "mx:[192.0.2.7]", "mx", "192.0.2.7", 25, L.DANE, True),
+    ("[ipv6:2001:db8::7]", "mx:[ipv6:2001:db8::7]", "mx", "2001:db8::7", 25, L.DANE, True),
 ])
 def test_routing(domain: str, key: str, kind: str, lookup: str, port: int, level: SecurityLevel,
                  explicit: bool) -> None:
@@ -70,6 +73,70 @@ def test_routing(domain: str, key: str, kind: str, lookup: str, port: int, level
     if kind != "local":
         assert dest.lookup_name == lookup
         assert dest.uses_mx is not explicit
+
+
+POLICIES = [
+    {"destination": "example.org", "level": "verify", "ca_file": "/etc/org-ca.pem"},
+    {"destination": ".example.org", "level": "secure"},
+    {"destination": ".deep.example.org", "level": "dane-only"},
+    {"destination": "plain.example", "level": "none"},
+    {"destination": ".partner.example", "level": "secure"},  # routes decide before the table
+]
+
+
+@pytest.mark.parametrize(("domain", "level", "source"), [
+    # an exact row beats a suffix row, the longest suffix wins, a suffix row does not cover the domain
+    ("example.org", L.VERIFY, "delivery.policy[0] for example.org"),
+    ("mx.example.org", L.SECURE, "delivery.policy[1] for .example.org"),
+    ("a.deep.example.org", L.DANE_ONLY, "delivery.policy[2] for .deep.example.org"),
+    ("deep.example.org", L.SECURE, "delivery.policy[1] for .example.org"),
+    ("plain.example", L.NONE, "delivery.policy[3] for plain.example"),
+    ("sub.plain.example", L.ENCRYPT, "delivery.security, the default"),
+    ("other.example", L.ENCRYPT, "delivery.security, the default"),
+    ("[192.0.2.7]", L.ENCRYPT, "delivery.security, the default for address literals"),
+    # a route's own security, whatever the table says about the domain
+    ("a.partner.example", L.VERIFY, "delivery.route[1] for .partner.example"),
+    ("example.net", L.NONE, "local_domains: delivered here without SMTP"),
+])
+def test_policy_table_levels(domain: str, level: SecurityLevel, source: str) -> None:
+    cfg = config(route=ROUTES[:2], policy=POLICIES[:4], security="encrypt")
+    dest = destination_for(domain, cfg)
+    assert (dest.level, dest.level_source) == (level, source)
+
+
+def test_policy_row_ca_file_and_plaintext_opt_in_are_carried() -> None:
+    dest = destination_for("example.org", config(policy=POLICIES[:1]))
+    assert dest.ca_file == Path("/etc/org-ca.pem") and not dest.may_retry_plaintext
+    assert destination_for("other.example", config(may_retry_plaintext=True)).may_retry_plaintext
+    routed = destination_for("a.partner.example", config(route=ROUTES, may_retry_plaintext=True))
+    assert routed.may_retry_plaintext
+
+
+def test_policy_row_for_the_smarthost() -> None:
+    sh = {"host": "[192.0.2.9]", "tls": "starttls", "ca_file": "/etc/relay-ca.pem"}
+    dest = destination_for("example.org", config(smarthost=sh, policy=[
+        {"destination": "[192.0.2.9]", "level": "encrypt"},
+        {"destination": "[192.0.2.9]:587", "level": "dane"}]))
+    assert (dest.level, dest.level_source) == (L.DANE, "delivery.policy[1] for [192.0.2.9]:587")
+    assert dest.ca_file == Path("/etc/relay-ca.pem")  # the smarthost's own, the row names none
+    portless = destination_for("example.org", config(smarthost=sh, policy=[
+        {"destination": "[192.0.2.9]", "level": "encrypt"}]))
+    assert (portless.level, portless.level_source) == (L.ENCRYPT, "delivery.policy[0] for [192.0.2.9]")
+    default = destination_for("example.org", config(smarthost=sh))
+    assert (default.level, default.level_source) == (L.VERIFY, "delivery.smarthost, always verified")
+
+
+def test_config_levels_are_the_policy_levels() -> None:
+    assert set(typing.get_args(SecurityLevelName)) == {level.value for level in SecurityLevel}
+
+
+def test_routes_to_one_next_hop_share_connections() -> None:
+    cfg = config(route=[{"domain": "a.example", "next_hop": "[192.0.2.1]"},
+                        {"domain": "b.example", "next_hop": "[192.0.2.1]"},
+                        {"domain": "c.example", "next_hop": "[192.0.2.1]", "security": "encrypt"}])
+    a, b, c = (destination_for(d, cfg) for d in ("a.example", "b.example", "c.example"))
+    assert a == b and hash(a) == hash(b) and a.level_source != b.level_source
+    assert c != a  # another level: other connections
 
 
 def test_route_ca_file_is_carried() -> None:
@@ -115,14 +182,25 @@ def summary(p: Any) -> Any:
              c.tls.plaintext_after_failed_handshake) for c in p.candidates]
 
 
-MAY_ROW = ("may", False, "none", None, True)
+MAY_ROW = ("may", False, "none", None, False)
+MAY_CLEAR_ROW = ("may", False, "none", None, True)
 
 
 @pytest.mark.parametrize(("name", "dest", "facts", "kw", "expected"), [
-    ("may: every address of every host, in order, plaintext fallback allowed",
+    ("may: every address of every host, in order; a failed handshake is not retried in clear",
      at(L.MAY), TWO, {},
      [("mx1.example.org", "2001:db8::1", *MAY_ROW), ("mx1.example.org", "192.0.2.1", *MAY_ROW),
       ("mx2.example.org", "192.0.2.2", *MAY_ROW)]),
+    ("may with delivery.may_retry_plaintext: the operator opted in to the retry in clear",
+     at(L.MAY, may_retry_plaintext=True), RouteFacts((MX2,)), {},
+     [("mx2.example.org", "192.0.2.2", *MAY_CLEAR_ROW)]),
+    ("dane without TLSA falls back to may, with the opt-in too", at(L.DANE, may_retry_plaintext=True),
+     RouteFacts((MX2,)), {}, [("mx2.example.org", "192.0.2.2", *MAY_CLEAR_ROW)]),
+    ("the opt-in never loosens a level that demands TLS", at(L.ENCRYPT, may_retry_plaintext=True),
+     RouteFacts((MX2,)), {}, [("mx2.example.org", "192.0.2.2", "encrypt", True, "none", None, False)]),
+    ("implicit TLS has no plaintext to retry in", at(L.MAY, may_retry_plaintext=True, implicit_tls=True,
+                                                     kind="smarthost"),
+     RouteFacts((MX2,)), {}, [("mx2.example.org", "192.0.2.2", *MAY_ROW)]),
     ("none: never STARTTLS", at(L.NONE), RouteFacts((MX2,)), {},
      [("mx2.example.org", "192.0.2.2", "none", False, "none", None, False)]),
     ("encrypt: TLS required, no verification, no fallback", at(L.ENCRYPT), RouteFacts((MX2,)), {},
@@ -181,6 +259,45 @@ MAY_ROW = ("may", False, "none", None, True)
      [("mx1.example.org", "2001:db8::1", *MAY_ROW), ("mx1.example.org", "192.0.2.1", *MAY_ROW)]),
     ("dane: a bogus TLSA for the only host defers", at(L.DANE), RouteFacts((SECURE_MX1,), mx_secure=True),
      {"tlsa": {"mx1.example.org": TlsaFacts("bogus")}}, ("refused", "temporary", "4.7.5")),
+    # RFC 7672 §2.2.1: preference order stands; a worse MX with TLSA never pre-empts a better one.
+    ("dane: a better MX without TLSA comes first, opportunistic; the worse one keeps DANE", at(L.DANE),
+     RouteFacts((SECURE_MX1, SECURE_MX2), mx_secure=True),
+     {"tlsa": {"mx1.example.org": TlsaFacts("secure", ()), "mx2.example.org": TlsaFacts("secure", (EE,))}},
+     [("mx1.example.org", "192.0.2.1", *MAY_ROW),
+      ("mx2.example.org", "192.0.2.2", "dane", True, "dane", "mx2.example.org", False)]),
+    ("dane-only: the better MX without TLSA is left out", at(L.DANE_ONLY),
+     RouteFacts((SECURE_MX1, SECURE_MX2), mx_secure=True),
+     {"tlsa": {"mx1.example.org": TlsaFacts("secure", ()), "mx2.example.org": TlsaFacts("secure", (EE,))}},
+     [("mx2.example.org", "192.0.2.2", "dane", True, "dane", "mx2.example.org", False)]),
+    ("dane-only: secure but unusable records are as good as none", at(L.DANE_ONLY),
+     RouteFacts((SECURE_MX1,), mx_secure=True),
+     {"tlsa": {"mx1.example.org": TlsaFacts("secure", (PKIX_EE,))}},
+     ("refused", "temporary", "4.7.5")),
+    ("dane-only: an insecure MX set defers (RFC 7672 §2.2.1)", at(L.DANE_ONLY), RouteFacts((SECURE_MX1,)),
+     {"tlsa": {"mx1.example.org": TlsaFacts("secure", (EE,))}}, ("refused", "temporary", "4.7.5")),
+    ("dane-only: a bogus TLSA lookup defers", at(L.DANE_ONLY), RouteFacts((SECURE_MX1,), mx_secure=True),
+     {"tlsa": {"mx1.example.org": TlsaFacts("bogus")}}, ("refused", "temporary", "4.7.5")),
+    ("dane: TLSA of a host with insecure address records are ignored (§2.2.2)", at(L.DANE),
+     RouteFacts((MX2,), mx_secure=True), {"tlsa": {"mx2.example.org": TlsaFacts("secure", (EE,))}},
+     [("mx2.example.org", "192.0.2.2", *MAY_ROW)]),
+    ("dane: insecure TLSA records count for nothing", at(L.DANE), RouteFacts((SECURE_MX1,), mx_secure=True),
+     {"tlsa": {"mx1.example.org": TlsaFacts("insecure", (EE,))}},
+     [("mx1.example.org", "192.0.2.1", *MAY_ROW)]),
+    ("dane: insecure MX, but the host is the next-hop domain itself", at(L.DANE),
+     RouteFacts((HostFacts("example.org", ("192.0.2.5",), 10, secure=True),)),
+     {"tlsa": {"example.org": TlsaFacts("secure", (EE,))}},
+     [("example.org", "192.0.2.5", "dane", True, "dane", "example.org", False)]),
+    ("dane: no MX at all (implicit MX) with secure addresses", at(L.DANE),
+     RouteFacts((HostFacts("example.org", ("192.0.2.5",), 0, secure=True),), implicit_mx=True),
+     {"tlsa": {"example.org": TlsaFacts("secure", (EE,))}},
+     [("example.org", "192.0.2.5", "dane", True, "dane", "example.org", False)]),
+    ("dane to an explicit next hop needs no MX, only secure addresses",
+     at(L.DANE, kind="route", next_hop=NextHop("relay.example", 25, False, False)),
+     RouteFacts((HostFacts("relay.example", ("192.0.2.9",), secure=True),)),
+     {"tlsa": {"relay.example": TlsaFacts("secure", (EE,), "relay.example")}},
+     [("relay.example", "192.0.2.9", "dane", True, "dane", "relay.example", False)]),
+    ("secure to an insecure MX set is refused before any host is judged", at(L.SECURE),
+     RouteFacts((SECURE_MX1,)), {}, ("refused", "temporary", "4.7.5")),
     # MTA-STS hook (RFC 8461): enforce keeps matching hosts, verified; testing changes nothing.
     ("sts enforce: only listed hosts, PKIX against the MX name", at(L.DANE), TWO,
      {"sts": StsFacts("enforce", ("mx2.example.org",))},
@@ -221,6 +338,69 @@ def test_smarthost_plan_is_verified_implicit_tls() -> None:
     assert cand.tls.implicit and cand.tls.required and cand.tls.verify == "pkix"
     assert cand.tls.verify_name == "127.0.0.1" and cand.tls.ca_file == Path("/etc/ca.pem")
     assert not cand.tls.plaintext_after_failed_handshake
+
+
+def test_dane_reference_names_follow_rfc7672_3_2_2() -> None:
+    tlsa = {"mx1.example.org": TlsaFacts("secure", (EE,), "mx.provider.example")}
+    secure = RouteFacts((SECURE_MX1,), mx_secure=True, canonical_domain="mail.example.net")
+    (cand,) = plan(at(L.DANE), secure, tlsa=tlsa).candidates
+    # SNI and the first name are the TLSA base domain (the CNAME-expanded host), then the MX host as
+    # named, then the next-hop domain and its CNAME expansion, trusted because the MX set is secure.
+    assert cand.tls.verify_name == "mx.provider.example"
+    assert cand.tls.dane_names == (
+        "mx.provider.example", "mx1.example.org", "example.org", "mail.example.net")
+    host_itself = RouteFacts((HostFacts("example.org", ("192.0.2.5",), secure=True),),
+                             canonical_domain="ignored.example")
+    (cand,) = plan(at(L.DANE), host_itself, tlsa={"example.org": TlsaFacts("secure", (EE,))}).candidates
+    assert cand.tls.dane_names == ("example.org",)  # an insecure MX answer vouches for no other name
+
+
+def test_next_hops_name_the_secure_cname_target() -> None:
+    hop = HostAddresses("mx.example.net", ("192.0.2.1",), "secure")
+    aliased = ("example.org", "mail.example.net")
+    assert NextHops("example.org", (MailHost(10, hop),), "secure", cname_chain=aliased).facts() \
+        .canonical_domain == "mail.example.net"
+    # An insecure answer vouches for nothing, its CNAME target included.
+    assert NextHops("example.org", (MailHost(10, hop),), "insecure", cname_chain=aliased).facts() \
+        .canonical_domain is None
+
+
+def test_dane_keeps_implicit_tls() -> None:
+    dest = at(L.DANE, kind="smarthost", implicit_tls=True, next_hop=NextHop("192.0.2.9", 465, True, False))
+    facts = RouteFacts((HostFacts("relay.example", ("192.0.2.9",), secure=True),))
+    for records in ((EE,), (PKIX_EE,)):
+        (cand,) = plan(dest, facts, tlsa={"relay.example": TlsaFacts("secure", records)}).candidates
+        assert cand.tls.implicit and cand.tls.required
+
+
+@pytest.mark.parametrize(("dest", "facts", "expected"), [
+    (at(L.DANE), RouteFacts((SECURE_MX1, MX2), mx_secure=True), ("mx1.example.org",)),
+    (at(L.DANE_ONLY), RouteFacts((SECURE_MX1, SECURE_MX2), mx_secure=True),
+     ("mx1.example.org", "mx2.example.org")),
+    (at(L.DANE), RouteFacts((SECURE_MX1,)), ()),  # insecure MX set
+    (at(L.DANE), RouteFacts((HostFacts("example.org", ("192.0.2.5",), secure=True),)), ("example.org",)),
+    (at(L.VERIFY), RouteFacts((SECURE_MX1,), mx_secure=True), ()),  # the level never looks at TLSA
+    (at(L.DANE, kind="route", next_hop=NextHop("relay.example", 25, False, False)),
+     RouteFacts((HostFacts("relay.example", ("192.0.2.9",), secure=True),)), ("relay.example",)),
+])
+def test_tlsa_hosts(dest: Destination, facts: RouteFacts, expected: tuple[str, ...]) -> None:
+    assert tlsa_hosts(dest, facts) == expected
+
+
+def test_reasons_say_where_the_level_came_from() -> None:
+    cfg = config(policy=[{"destination": ".example.org", "level": "dane-only"}])
+    dest = destination_for("a.example.org", cfg)
+    p = plan(dest, RouteFacts((SECURE_MX1,), mx_secure=True),
+             tlsa={"mx1.example.org": TlsaFacts("secure", ())})
+    assert p.refusal is not None and p.refusal.status == "4.7.5"
+    assert p.skipped == ("mx1.example.org: dane-only, and it has no TLSA records (DNSSEC-secure denial)",)
+    (cand,) = plan(destination_for("a.example.com", cfg), RouteFacts((MX2,))).candidates
+    assert cand.tls.reason == ("dane from delivery.security, the default: the MX records are not "
+                               "DNSSEC-secure, so opportunistic TLS")
+    refused = plan(at(L.SECURE), TWO).refusal
+    assert refused is not None and refused.reason == (
+        "level secure (delivery.security, the default) needs DNSSEC-secure MX records, and those of "
+        "example.org are not")
 
 
 def test_refusal_reasons_name_what_was_skipped() -> None:
