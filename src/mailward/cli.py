@@ -1,5 +1,5 @@
 """Command-line entry point: mailward serve | reload | config check | user ... | queue ... | sendmail |
-tlsa | version."""
+tlsa | policy show | version."""
 
 from __future__ import annotations
 
@@ -90,6 +90,12 @@ def cmd_queue(args: argparse.Namespace) -> int:
     # The pid file `mailward serve` writes, so retry and flush can say whether a server will act.
     server = queuetool.Server(config.state_dir / "mailward.pid", config.delivery.enabled)
     return queuetool.run(args, config.queue.path, server=server)
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    from mailward import policytool  # DNS libraries: loaded only when asked
+
+    return policytool.run(args, _config(args))
 
 
 def cmd_tlsa(args: argparse.Namespace) -> int:
@@ -184,6 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
     tlsa.add_argument("--host", help="the MX host name (default: the certificate's first DNS name)")
     tlsa.add_argument("--port", type=int, default=25, help="the port (default 25)")
     tlsa.set_defaults(func=cmd_tlsa)
+
+    policy = sub.add_parser("policy", help="outbound TLS security levels")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
+    show = policy_sub.add_parser(
+        "show", parents=[common], help="the TLS level for a domain, why, and what DNS makes of it now",
+        description="Prints where mail for DOMAIN goes, its TLS security level and the configuration that "
+                    "sets it; then asks DNS for the MX, address and TLSA records and prints the TLS each "
+                    "host would be held to. No mail host is contacted.")
+    show.add_argument("domain", metavar="DOMAIN", help="recipient domain (or an address, or [IP])")
+    show.add_argument("--json", action="store_true",
+                      help="print one JSON object (schema: pydoc mailward.policytool)")
+    show.add_argument("--no-dns", action="store_true", help="print the configured part only")
+    show.set_defaults(func=cmd_policy)
 
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=lambda args: print(f"mailward {__version__}") or 0)
