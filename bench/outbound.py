@@ -78,13 +78,17 @@ class Sink:
         while chunk := _read_some(fd):
             tail += chunk
             found = _COUNTERS.findall(tail)
-            tail = tail[-64:]  # enough to hold a record split across two reads
+            # Keep enough to complete a record split across two reads. A number cut short there
+            # reads smaller than the last one seen, and the counters only grow: max() ignores it.
+            tail = tail[-64:]
             if found:
+                sessions, messages = int(found[-1][0]), int(found[-1][1])
                 with self._changed:
-                    self.sessions = max(self.sessions, int(found[-1][0]))
-                    self.messages = max(self.messages, int(found[-1][1]))
-                    self.changed_at = time.time()
-                    self._changed.notify_all()
+                    self.sessions = max(self.sessions, sessions)
+                    if messages > self.messages:
+                        self.messages = messages
+                        self.changed_at = time.time()
+                        self._changed.notify_all()
 
     def _wait_listening(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout

@@ -11,7 +11,7 @@ be filled first and then released all at once (`release_held`).
 Four smtpd listeners, all on 127.0.0.1:
 * `submissions`: implicit TLS (smtpd_tls_wrappermode, as on 465), AUTH required;
 * `submission`: STARTTLS required (smtpd_tls_security_level=encrypt, as on 587), AUTH required;
-* `mx`: STARTTLS offered, no AUTH, relay to example.test only (as on 25);
+* `mx`: STARTTLS offered, no AUTH (as on 25);
 * `plain`: no TLS offered, no AUTH.
 
 AUTH is Cyrus SASL (PLAIN and LOGIN) against a sasldb made with saslpasswd2 (Debian package
