@@ -8,13 +8,15 @@ packages=(swaks libnet-ssleay-perl postfix testssl.sh openssl nsd unbound ldnsut
 # dovecot-core and dovecot-lmtpd: the LMTP server local delivery is tested against, run by the
 # tests from their own config in a temporary directory.
 packages+=(dovecot-core dovecot-lmtpd)
+# Extra packages a target needs beyond the tests' (make bench: Cyrus SASL for Postfix's AUTH).
+packages+=("$@")
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
-  echo "mailward tests need these Debian packages: ${missing[*]}; run 'sudo apt-get install ${missing[*]}' or run make test as root." >&2
+  echo "mailward needs these Debian packages: ${missing[*]}; run 'sudo apt-get install ${missing[*]}' or run make as root." >&2
   exit 1
 fi
 echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
