@@ -312,7 +312,8 @@ class UserStore:
     not kept). A missing file means no users.
     """
 
-    def __init__(self, path: Path, *, hasher: PasswordHasher | None = None) -> None:
+    def __init__(self, path: Path, *, hasher: PasswordHasher | None = None,
+                 verified_ttl: float = VERIFIED_TTL) -> None:
         self._path = path
         self._hasher = hasher if hasher is not None else default_hasher()
         self._lock = threading.RLock()
@@ -320,7 +321,8 @@ class UserStore:
         self._stamp: tuple[int, int, int] | None = None
         # Unknown names are checked against this so that the reply time does not reveal them.
         self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(18))
-        self._verified = _VerifiedLogins()
+        # None: every login pays the full argon2 check (auth.verified_cache_seconds = 0).
+        self._verified = _VerifiedLogins(verified_ttl) if verified_ttl > 0 else None
 
     @property
     def path(self) -> Path:
@@ -354,7 +356,7 @@ class UserStore:
             with contextlib.suppress(VerificationError, InvalidHashError):
                 self._hasher.verify(self._dummy_hash, password)
             return None
-        if self._verified.known(record, password):
+        if self._verified is not None and self._verified.known(record, password):
             return record
         try:
             self._hasher.verify(record.password_hash, password)
@@ -362,7 +364,7 @@ class UserStore:
             return None
         if self._hasher.check_needs_rehash(record.password_hash):
             self._rehash(record, password)
-        else:
+        elif self._verified is not None:
             self._verified.remember(record, password)
         return record
 

@@ -108,7 +108,7 @@ class Service:
             except CertificateError as exc:
                 raise StartupError(str(exc)) from None
         try:
-            users = UserStore(cfg.auth.users_file)
+            users = UserStore(cfg.auth.users_file, verified_ttl=cfg.auth.verified_cache_seconds)
             users.list()
         except UserStoreError as exc:
             raise StartupError(str(exc)) from None

@@ -411,6 +411,16 @@ def test_verified_password_is_remembered_not_rehashed(users_path):
     assert len(hasher.verified) == 3
 
 
+def test_cache_off_checks_every_login_in_full(users_path):
+    hasher = CountingHasher()
+    store = UserStore(users_path, hasher=hasher, verified_ttl=0)
+    store.add("alice", "pw")
+    hasher.verified.clear()
+    assert store.verify("alice", "pw") is not None
+    assert store.verify("alice", "pw") is not None
+    assert len(hasher.verified) == 2
+
+
 def test_remembered_password_stops_matching_when_it_changes(store):
     store.add("alice", "old")
     store.add("bob", "pw")

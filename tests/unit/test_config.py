@@ -79,7 +79,8 @@ def test_defaults() -> None:
     assert cfg.tls == TlsConfig(min_version="TLSv1.2", certificates=(
         CertificateConfig(cert=Path("/etc/tls/fullchain.pem"), key=Path("/etc/tls/privkey.pem")),))
     assert cfg.auth == AuthConfig(users_file=Path("/var/lib/mailward/users"), mechanisms=("PLAIN", "LOGIN"),
-                                  max_failures_per_ip=10, max_failures_per_user=5, lockout_seconds=900.0)
+                                  max_failures_per_ip=10, max_failures_per_user=5, lockout_seconds=900.0,
+                                  verified_cache_seconds=300.0)
     assert cfg.queue == QueueConfig(url=None, path=Path("/var/lib/mailward/queue/queue.db"))
     assert cfg.log == LogConfig(level="info", format="human")
 
@@ -164,6 +165,7 @@ mechanisms = ["PLAIN"]
 max_failures_per_ip = 3
 max_failures_per_user = 4
 lockout_seconds = 60
+verified_cache_seconds = 0
 
 [queue]
 path = "spool/queue.db"
@@ -250,7 +252,7 @@ def test_full_file_loads_every_value(tmp_path: Path, monkeypatch: pytest.MonkeyP
                               key=Path("/etc/letsencrypt/live/mx1/privkey.pem")),
         )),
         auth=AuthConfig(users_file=Path("/etc/mailward/users"), mechanisms=("PLAIN",), max_failures_per_ip=3,
-                        max_failures_per_user=4, lockout_seconds=60.0),
+                        max_failures_per_user=4, lockout_seconds=60.0, verified_cache_seconds=0.0),
         queue=QueueConfig(url=None, path=etc / "spool/queue.db"),
         log=LogConfig(level="debug", format="json"),
         delivery=DeliveryConfig(
