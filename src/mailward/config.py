@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import ipaddress
 import math
 import os
@@ -164,10 +165,12 @@ class NextHop:
         return host if self.port is None else f"{host}:{self.port}"
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_next_hop(value: str) -> NextHop:
     """Postfix transport syntax: ``[ip]:port``, ``[ip]``, ``host:port``, ``[host]`` or ``host``.
 
     A bare ``host`` goes through MX lookup; brackets or a port name the host to connect to.
+    Cached: routing asks for the same few configured next hops for every recipient.
     """
     text, port = value, None
     head, sep, tail = value.rpartition(":")
