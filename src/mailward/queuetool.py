@@ -297,7 +297,7 @@ def _tls(verdict: TlsVerdict | None) -> str:
     if verdict is None:
         return "-"
     text = verdict.summary()
-    return printable(f"{text} ({verdict.policy})" if verdict.policy else text)
+    return printable(f"{text} at level {verdict.policy}" if verdict.policy else text)
 
 
 def _sender(message: StoredMessage) -> str:

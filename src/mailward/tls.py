@@ -3,7 +3,8 @@
 This module owns every `ssl.SSLContext` mailward builds and the certificate files behind them.
 All cryptography is OpenSSL's, through the standard `ssl` module; the `cryptography` package is
 used only to read certificates (names, key type, expiry) so that a bad file is reported in one
-sentence, and to mint the demo certificate. Nothing here performs I/O on connections: the
+sentence, to mint the demo certificate, and to say whether an unverified peer's chain would have
+verified (`chain_trusted`, for the log). Nothing here performs I/O on connections: the
 asyncio drivers wrap `SSLObject`s from these contexts.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import ipaddress
 import logging
 import os
@@ -18,6 +20,7 @@ import ssl
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
 from mailward.queue import TlsFacts  # the queue's model records what TLS gave
 
@@ -37,6 +41,7 @@ __all__ = [
     "CertificateError",
     "ServerTls",
     "TlsFacts",
+    "chain_trusted",
     "client_context",
     "demo_ca_path",
     "make_demo_certificate",
@@ -439,6 +444,52 @@ def peer_chain(sslobj: ssl.SSLObject | ssl.SSLSocket) -> list[bytes]:
     if not chain:
         return []
     return [bytes(cert.public_bytes(_ssl.ENCODING_DER)) for cert in chain]
+
+
+def chain_trusted(chain_der: Sequence[bytes], cafile: Path | None = None) -> bool:
+    """Whether a chain a peer sent (leaf first) leads to a CA in `cafile` (default: the system's
+    trust store) by PKIX rules, whatever names the leaf carries: Postfix's "Trusted" as opposed to
+    "Untrusted" TLS. It only describes a connection whose certificate nothing required checked;
+    where verification is required, OpenSSL decides during the handshake."""
+    store = _trust_store(cafile)
+    if store is None or not chain_der:
+        return False
+    try:
+        leaf, *intermediates = [x509.load_der_x509_certificate(der) for der in chain_der]
+        # A client verifier checks no subject name; permitting any end-entity extensions drops its
+        # clientAuth requirement, so a server certificate is judged on its chain alone.
+        verifier = (PolicyBuilder().store(store)
+                    .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(),
+                                        ee_policy=ExtensionPolicy.permit_all())
+                    .build_client_verifier())
+        verifier.verify(leaf, intermediates)
+    except (ValueError, VerificationError):
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=8)
+def _trust_store(cafile: Path | None) -> Store | None:
+    # Parsed once per file: the system bundle holds well over a hundred certificates.
+    if cafile is None:
+        paths = ssl.get_default_verify_paths()
+        cafile = Path(paths.cafile or paths.openssl_cafile)
+    try:
+        text = cafile.read_bytes()
+    except OSError:
+        return None
+    certs: list[x509.Certificate] = []
+    end = b"-----END CERTIFICATE-----"
+    for block in text.split(end)[:-1]:
+        # One by one, so a single odd root in a system bundle costs only itself (and its warning
+        # about, say, a non-positive serial number is not ours to raise).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                certs.append(x509.load_pem_x509_certificate(block + end))
+            except ValueError:
+                continue
+    return Store(certs) if certs else None
 
 
 def client_context(*, verify: bool, cafile: Path | None = None) -> ssl.SSLContext:

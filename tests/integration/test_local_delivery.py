@@ -29,7 +29,7 @@ from mailward.queue import Envelope, Recipient, RecipientState, StoredMessage
 from mailward.service import DEMO_USER, prepare_demo
 
 DELIVERY_LINE = re.compile(
-    r"(?P<id>\w+): to=<(?P<rcpt>[^>]*)>, relay=(?P<relay>\S+), delay=[0-9.]+, tls=(?P<tls>\S+), "
+    r"(?P<id>\w+): to=<(?P<rcpt>[^>]*)>, relay=(?P<relay>\S+), delay=[0-9.]+, tls=(?P<tls>[^,]+), "
     r"dsn=(?P<dsn>[0-9.]+), status=(?P<status>sent|deferred|bounced|expired) \((?P<reply>.*)\)$")
 
 

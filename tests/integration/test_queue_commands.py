@@ -127,7 +127,7 @@ def test_retry_and_flush_make_the_running_server_deliver_now(make_server: MakeSe
     soft_a, nowhere = first["recipients"]
     assert soft_a["status"] == "deferred" and soft_a["reason"].startswith("450 4.2.1 ")
     assert soft_a["tls"] == {"protocol": None, "cipher": None, "verified": False, "policy": "may",
-                             "failure": "STARTTLS not offered"}
+                             "failure": "STARTTLS not offered", "trust": None, "dane": None}
     assert nowhere["status"] == "deferred" and "4.4.1 connect to" in nowhere["reason"]
     assert nowhere["tls"] is None  # no host answered: there is no TLS to speak of
     assert soft_a["next_attempt_at"] - time.time() > 200  # the backoff would wait minutes
@@ -143,16 +143,16 @@ def test_retry_and_flush_make_the_running_server_deliver_now(make_server: MakeSe
     assert soft_a["status"] == "delivered" and soft_a["reason"].startswith("250 ") and soft_a["attempts"] == 2
     tls = soft_a["tls"]
     assert re.fullmatch(r"TLSv1\.[23]", tls["protocol"]) and tls["cipher"]
-    assert (tls["verified"], tls["policy"], tls["failure"]) == (False, "may", None)
+    assert (tls["verified"], tls["policy"], tls["failure"], tls["trust"]) == (False, "may", None, "Untrusted")
     shown = queue(sender, "show", first["id"]).stdout
-    assert f"{tls['protocol']}/{tls['cipher']}/unverified (may)" in shown
+    assert f"Untrusted {tls['protocol']}/{tls['cipher']} at level may" in shown
     [later] = [m for m in queue_json(sender, "list") if m["id"] == second["id"]]
     assert later["recipients"][0]["attempts"] == 1  # a retry of one message leaves the others be
 
     flushed = queue(sender, "flush")
     assert (flushed.stdout, flushed.stderr) == ("2 messages due now\n", "")
     line = sent_within(sender, "soft-b@far.test", 5)
-    assert line["tls"] == f"{tls['protocol']}/{tls['cipher']}/unverified"
+    assert line["tls"] == f"Untrusted {tls['protocol']}/{tls['cipher']}"
     assert second["id"] not in [m["id"] for m in queue_json(sender, "list")]  # done: it left the queue
     assert sorted(r["address"] for m in queue_json(receiver, "list") for r in m["recipients"]) == [
         "soft-a@far.test", "soft-b@far.test"]

@@ -28,7 +28,7 @@ RETRY_IN = 20_000.0  # seconds from fill time to a deferred recipient's next att
 MESSAGE_KEYS = {"id", "size", "created_at", "sender", "held", "hold_reason", "recipients"}
 RECIPIENT_KEYS = {"address", "status", "reason", "attempts", "next_attempt_at", "tls"}
 STATUSES = {"queued", "deferred", "delivered", "failed", "held"}
-TLS_KEYS = {"protocol", "cipher", "verified", "policy", "failure"}
+TLS_KEYS = {"protocol", "cipher", "verified", "policy", "failure", "trust", "dane"}
 PLAINTEXT = TlsVerdict(policy="may", failure="STARTTLS not offered")
 VERIFIED = TlsVerdict(protocol="TLSv1.3", cipher="TLS_AES_256_GCM_SHA384", verified=True, policy="verify")
 
@@ -166,11 +166,11 @@ def test_list_json_schema(filled: Filled, capsys: pytest.CaptureFixture[str]) ->
     assert bob == {"address": "bob@example.net", "status": "deferred", "reason": "451 4.7.1 \x1b[2Jtry later",
                    "attempts": 1, "next_attempt_at": filled.next_at,
                    "tls": {"protocol": None, "cipher": None, "verified": False, "policy": "may",
-                           "failure": "STARTTLS not offered"}}
+                           "failure": "STARTTLS not offered", "trust": None, "dane": None}}
     carol, dave = by_id[filled.partial]["recipients"]
     assert (carol["status"], carol["next_attempt_at"], dave["status"]) == ("delivered", None, "deferred")
     assert carol["tls"] == {"protocol": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384", "verified": True,
-                            "policy": "verify", "failure": None}
+                            "policy": "verify", "failure": None, "trust": "Verified", "dane": None}
     assert dave["tls"] is None  # its attempt reached no host
     frank, grace = by_id[filled.failed]["recipients"]
     assert (frank["status"], frank["reason"], frank["attempts"]) == ("failed", "550 5.1.1 no such user", 1)
@@ -268,7 +268,7 @@ def test_show_human(filled: Filled, capsys: pytest.CaptureFixture[str]) -> None:
     recipients = out.split("Recipients:\n")[1].split("\n\n")[0].splitlines()
     assert recipients[0].split() == ["ADDRESS", "STATUS", "ATTEMPTS", "NEXT", "TRY", "TLS", "REASON"]
     assert recipients[1].split()[:3] == ["bob@example.net", "deferred", "1"]
-    assert " none (may)  451 4.7.1 " in recipients[1]
+    assert " plaintext at level may  451 4.7.1 " in recipients[1]
     headers = out.split("Headers:\n")[1]
     assert "  Subject: =?utf-8?q?caf=C3=A9?=\n" in headers
     assert "  X-Evil: \\x1b[31mred\n" in headers and "\x1b" not in out
@@ -358,7 +358,7 @@ def test_show_tls_of_the_last_attempt(filled: Filled, capsys: pytest.CaptureFixt
     assert tool(filled.path, "show", filled.partial, now=filled.now) == 0
     out = capsys.readouterr().out
     carol, dave = out.split("Recipients:\n")[1].split("\n\n")[0].splitlines()[1:]
-    assert "  TLSv1.3/TLS_AES_256_GCM_SHA384/verified (verify)  250 2.0.0 ok" in carol
+    assert "  Verified TLSv1.3/TLS_AES_256_GCM_SHA384 (pkix) at level verify  250 2.0.0 ok" in carol
     assert re.search(r"deferred +1 +in [0-9hms ]+ +- +421 4.4.2 timeout", dave), dave
 
 

@@ -491,6 +491,28 @@ def test_peer_chain_returns_leaf_and_intermediate(tmp_path, ca):
     assert tls.peer_chain(conn.server) == []
 
 
+def test_chain_trusted_judges_the_chain_and_not_the_names(tmp_path, ca):
+    # Postfix's "Trusted": the chain leads to a CA in the store, whatever names the leaf carries.
+    intermediate = ca.create_child_ca()
+    leaf = intermediate.issue_cert("whatever.example")
+    chain = [x509.load_pem_x509_certificate(b.bytes()).public_bytes(serialization.Encoding.DER)
+             for b in leaf.cert_chain_pems]
+    roots = tmp_path / "roots.pem"
+    ca.cert_pem.write_to_path(str(roots))
+    assert tls.chain_trusted(chain, roots)
+    assert not tls.chain_trusted(chain[:1], roots)  # the intermediate is missing
+    assert not tls.chain_trusted(chain)  # a private CA is not among the system's
+    other = tmp_path / "other.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    assert not tls.chain_trusted(chain, other)
+    expired = ca.issue_cert("old.example", not_after=dt.datetime.now(dt.UTC) - dt.timedelta(days=1))
+    old = [x509.load_pem_x509_certificate(b.bytes()).public_bytes(serialization.Encoding.DER)
+           for b in expired.cert_chain_pems]
+    assert not tls.chain_trusted(old, roots)
+    assert not tls.chain_trusted([], roots) and not tls.chain_trusted([b"not DER"], roots)
+    assert not tls.chain_trusted(chain, tmp_path / "missing.pem")
+
+
 # --- client contexts and the demo certificate ------------------------------------------------
 
 

@@ -18,7 +18,10 @@ The loop (DESIGN.md "The path of one message", steps 5 to 7):
 
 Every recipient result is logged on "mailward.delivery" in Postfix's shape, e.g.
 ``0PJ2M3W9K1X7QF: to=<bob@example.org>, relay=mx.example.org[192.0.2.7]:25, delay=1.2,
-tls=TLSv1.3/TLS_AES_256_GCM_SHA384/unverified, dsn=2.0.0, status=sent (250 2.0.0 Ok)``.
+tls=Verified TLSv1.3/TLS_AES_256_GCM_SHA384 (dane 3 1 1), dsn=2.0.0, status=sent (250 2.0.0 Ok)``.
+`tls=` uses Postfix's words for what the connection proved: Verified (by DANE, naming the TLSA
+record that matched, or by PKIX), Trusted (the chain leads to a trusted CA; names not checked),
+Untrusted, Anonymous (no certificate), or plaintext (no TLS, or no connection: relay=none).
 """
 
 from __future__ import annotations
@@ -314,7 +317,7 @@ class _Outcome:
         if self.policy is None or (self.relay == "none" and not tls.active and tls.failure is None):
             return None
         return TlsVerdict(protocol=tls.protocol, cipher=tls.cipher, verified=tls.verified,
-                          policy=self.policy, failure=tls.failure)
+                          policy=self.policy, failure=tls.failure, trust=tls.trust, dane=tls.dane)
 
 
 @dataclass(eq=False, slots=True)

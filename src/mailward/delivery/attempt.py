@@ -26,7 +26,7 @@ from cryptography import x509
 
 from mailward.delivery.dane import verify_chain
 from mailward.delivery.policy import Candidate, TlsRequirement
-from mailward.queue import Recipient, ResultStatus, StoredMessage
+from mailward.queue import Recipient, ResultStatus, StoredMessage, TlsTrust, TlsVerdict
 from mailward.smtp.address import AddressError, Mailbox, parse_mailbox
 from mailward.smtp.client import (
     CONNECTION_LOST,
@@ -48,7 +48,7 @@ from mailward.smtp.client import (
 from mailward.smtp.codes import Reply
 from mailward.smtp.commands import MailParams, RcptParams
 from mailward.stream import SmtpStream, StreamClosed
-from mailward.tls import client_context, peer_chain, tls_facts
+from mailward.tls import chain_trusted, client_context, peer_chain, tls_facts
 
 __all__ = [
     "AttemptError",
@@ -75,19 +75,20 @@ class TlsOutcome:
 
     protocol: str | None = None  # e.g. "TLSv1.3"; None: plaintext
     cipher: str | None = None
-    verified: bool = False  # the certificate was checked as the policy asked (PKIX + name)
+    verified: bool = False  # the certificate was checked as the policy asked (PKIX + name, or DANE)
     peer_subject: str | None = None
     failure: str | None = None  # why TLS was not used, or how it failed
+    trust: TlsTrust | None = None  # Verified, Trusted, Untrusted or Anonymous (`TlsVerdict.outcome`)
+    dane: str | None = None  # the TLSA record that authenticated the peer, as "3 1 1"
 
     @property
     def active(self) -> bool:
         return self.protocol is not None
 
     def summary(self) -> str:
-        """``TLSv1.3/TLS_AES_256_GCM_SHA384/verified``, ``.../unverified`` or ``none``."""
-        if self.protocol is None:
-            return "none"
-        return f"{self.protocol}/{self.cipher}/{'verified' if self.verified else 'unverified'}"
+        """``Verified TLSv1.3/TLS_AES_256_GCM_SHA384 (dane 3 1 1)``, ``Untrusted ...`` or ``plaintext``."""
+        return TlsVerdict(protocol=self.protocol, cipher=self.cipher, verified=self.verified,
+                          trust=self.trust, dane=self.dane).summary()
 
 
 PLAINTEXT = TlsOutcome()
@@ -321,17 +322,31 @@ class Session:
                                retry_plaintext=tls.plaintext_after_failed_handshake and not tls.implicit,
                                tls=TlsOutcome(failure=why)) from None
         facts = tls_facts(sslobj)
+        chain = peer_chain(sslobj)
+        dane: str | None = None
         if tls.verify == "dane":
-            verdict = verify_chain(tls.tlsa, peer_chain(sslobj), tls.dane_names)
+            verdict = verify_chain(tls.tlsa, chain, tls.dane_names)
             if not verdict.verified:
-                outcome = TlsOutcome(protocol=facts.version, cipher=facts.cipher,
+                outcome = TlsOutcome(protocol=facts.version, cipher=facts.cipher, trust="Untrusted",
                                      peer_subject=_subject(sslobj), failure=f"DANE: {verdict.reason}")
                 self.abort()
                 raise AttemptError("4.7.5", f"DANE authentication of {self.candidate.relay} failed: "
                                             f"{verdict.reason}", tls=outcome)
             verify = True
-        self.tls = TlsOutcome(protocol=facts.version, cipher=facts.cipher, verified=verify,
-                              peer_subject=_subject(sslobj))
+            if verdict.record is not None:
+                r = verdict.record
+                dane = f"{r.usage} {r.selector} {r.matching_type}"
+        trust: TlsTrust
+        if verify:
+            trust = "Verified"
+        elif not chain:
+            trust = "Anonymous"
+        else:
+            # Not required here, only reported (Postfix's "Trusted" TLS), so the log shows which
+            # opportunistic peers would pass verification.
+            trust = "Trusted" if chain_trusted(chain) else "Untrusted"
+        self.tls = TlsOutcome(protocol=facts.version, cipher=facts.cipher, verified=verify, trust=trust,
+                              dane=dane, peer_subject=_subject(sslobj))
 
     async def _authenticate(self, cred: Credentials) -> None:
         caps = self.client.capabilities

@@ -40,6 +40,7 @@ __all__ = [
     "ResultStatus",
     "StoredMessage",
     "TlsFacts",
+    "TlsTrust",
     "TlsVerdict",
     "Transaction",
     "new_queue_id",
@@ -267,12 +268,28 @@ class Recipient:
             raise ValueError("NOTIFY=NEVER cannot be combined with other values")
 
 
+TlsTrust = Literal["Verified", "Trusted", "Untrusted", "Anonymous"]
+
+
+_TRUST: dict[object, TlsTrust] = {"Verified": "Verified", "Trusted": "Trusted", "Untrusted": "Untrusted",
+                                  "Anonymous": "Anonymous"}
+
+
+def _trust(value: object) -> TlsTrust | None:
+    if value is None:
+        return None
+    if value not in _TRUST:
+        raise TypeError(f"trust {value!r} is not one of {', '.join(_TRUST.values())}")
+    return _TRUST[value]
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TlsVerdict:
     """The TLS of one outbound delivery attempt, kept per recipient for `queue list` and reports.
 
-    Stored as a JSON object. Readers ignore keys they do not know, so later verdicts (which DANE
-    usage matched, the MTA-STS policy id) can add fields without a schema change.
+    Stored as a JSON object. Readers ignore keys they do not know, so later verdicts (the MTA-STS
+    policy id, say) can add fields without a schema change; `trust` and `dane` came that way, and
+    a verdict stored without `trust` reads as Verified or Untrusted from `verified`.
     """
 
     protocol: str | None = None  # e.g. "TLSv1.3"; None: the attempt ran without TLS
@@ -280,16 +297,35 @@ class TlsVerdict:
     verified: bool = False  # the peer was authenticated as `policy` asks (PKIX or DANE)
     policy: str | None = None  # the effective security level: "none", "may", "encrypt", "verify", ...
     failure: str | None = None  # why TLS was not used, or how it failed
+    trust: TlsTrust | None = None  # what the certificate proved (see `outcome`); None without TLS
+    dane: str | None = None  # usage, selector and matching type of the TLSA record that matched
+
+    def __post_init__(self) -> None:
+        if self.trust is None and self.protocol is not None:
+            # A verdict stored before `trust` existed says as much as `verified` does.
+            object.__setattr__(self, "trust", "Verified" if self.verified else "Untrusted")
+
+    @property
+    def outcome(self) -> str:
+        """Postfix's word for the connection: Verified (PKIX or DANE authenticated the peer),
+        Trusted (the chain leads to a trusted CA, names not checked), Untrusted, Anonymous (no
+        certificate), or plaintext."""
+        return "plaintext" if self.protocol is None or self.trust is None else self.trust
 
     def summary(self) -> str:
-        """As the delivery log writes it: ``TLSv1.3/TLS_AES_256_GCM_SHA384/verified`` or ``none``."""
+        """As the delivery log writes it: ``Verified TLSv1.3/TLS_AES_256_GCM_SHA384 (dane 3 1 1)``,
+        ``Verified ... (pkix)``, ``Untrusted TLSv1.3/TLS_AES_256_GCM_SHA384`` or ``plaintext``."""
+        word = self.outcome
         if self.protocol is None:
-            return "none"
-        return f"{self.protocol}/{self.cipher}/{'verified' if self.verified else 'unverified'}"
+            return word
+        text = f"{word} {self.protocol}/{self.cipher}"
+        if word == "Verified":
+            text += f" (dane {self.dane})" if self.dane else " (pkix)"
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         return {"protocol": self.protocol, "cipher": self.cipher, "verified": self.verified,
-                "policy": self.policy, "failure": self.failure}
+                "policy": self.policy, "failure": self.failure, "trust": self.trust, "dane": self.dane}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
@@ -307,6 +343,8 @@ class TlsVerdict:
                 verified=_typed(data.get("verified", False), bool),
                 policy=_optional(data.get("policy"), str),
                 failure=_optional(data.get("failure"), str),
+                trust=_trust(data.get("trust")),
+                dane=_optional(data.get("dane"), str),
             )
         except (TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"malformed TLS verdict: {exc}") from exc

@@ -427,10 +427,10 @@ def test_the_deliverer_logs_local_deliveries_like_remote_ones(tmp_path: Path,
     with caplog.at_level(logging.INFO, "mailward.delivery"):
         asyncio.run(run())
     lines = [r.getMessage() for r in caplog.records if "to=<" in r.getMessage()]
-    assert any(re.fullmatch(r"\w+: to=<alice@example\.test>, relay=local, delay=[0-9.]+, tls=none, "
+    assert any(re.fullmatch(r"\w+: to=<alice@example\.test>, relay=local, delay=[0-9.]+, tls=plaintext, "
                             r"dsn=2\.0\.0, status=sent \(2\.0\.0 delivered to maildir of alice\)", ln)
                for ln in lines), lines
-    assert any(re.fullmatch(r"\w+: to=<ghost@example\.test>, relay=local, delay=[0-9.]+, tls=none, "
+    assert any(re.fullmatch(r"\w+: to=<ghost@example\.test>, relay=local, delay=[0-9.]+, tls=plaintext, "
                             r"dsn=5\.1\.1, status=bounced \(5\.1\.1 <nobody-home@example\.test>: no such "
                             r"user here\)", ln) for ln in lines), lines
     assert len(files(tmp_path / "mail", "alice")) == 1

@@ -138,11 +138,18 @@ def test_stored_message_pending_and_next_attempt() -> None:
 def test_tls_verdict_json_round_trip_and_summary() -> None:
     verdict = TlsVerdict(protocol="TLSv1.3", cipher="TLS_AES_256_GCM_SHA384", verified=True, policy="verify")
     assert TlsVerdict.from_json(verdict.to_json()) == verdict
-    assert verdict.summary() == "TLSv1.3/TLS_AES_256_GCM_SHA384/verified"
+    assert verdict.trust == "Verified"  # from `verified` when not given
+    assert verdict.summary() == "Verified TLSv1.3/TLS_AES_256_GCM_SHA384 (pkix)"
+    dane = TlsVerdict(protocol="TLSv1.3", cipher="C", verified=True, policy="dane", dane="2 1 1")
+    assert TlsVerdict.from_json(dane.to_json()) == dane
+    assert dane.summary() == "Verified TLSv1.3/C (dane 2 1 1)"
     plaintext = TlsVerdict(policy="may", failure="STARTTLS not offered")
     assert TlsVerdict.from_json(plaintext.to_json()) == plaintext
-    assert plaintext.summary() == "none"
-    assert TlsVerdict(protocol="TLSv1.2", cipher="X").summary() == "TLSv1.2/X/unverified"
+    assert (plaintext.trust, plaintext.outcome, plaintext.summary()) == (None, "plaintext", "plaintext")
+    assert TlsVerdict(protocol="TLSv1.2", cipher="X").summary() == "Untrusted TLSv1.2/X"
+    for word in ("Trusted", "Untrusted", "Anonymous"):
+        v = TlsVerdict(protocol="TLSv1.3", cipher="X", trust=word)  # type: ignore[arg-type]
+        assert TlsVerdict.from_json(v.to_json()) == v and v.summary() == f"{word} TLSv1.3/X"
 
 
 def test_tls_verdict_reads_later_versions_and_rejects_malformed_ones() -> None:
@@ -150,6 +157,9 @@ def test_tls_verdict_reads_later_versions_and_rejects_malformed_ones() -> None:
     later = {"protocol": "TLSv1.3", "cipher": "C", "verified": True, "policy": "dane", "dane_usage": 3}
     assert TlsVerdict.from_json(json.dumps(later)) == TlsVerdict(protocol="TLSv1.3", cipher="C",
                                                                  verified=True, policy="dane")
-    for bad in ('{"verified": 1}', '{"protocol": 13}', "[]", "null", "{"):
+    # Stored before `trust` was: the word follows `verified`.
+    old = {"protocol": "TLSv1.3", "cipher": "C", "verified": False, "policy": "may", "failure": None}
+    assert TlsVerdict.from_json(json.dumps(old)).outcome == "Untrusted"
+    for bad in ('{"verified": 1}', '{"protocol": 13}', '{"trust": "Sure"}', "[]", "null", "{"):
         with pytest.raises(ValueError, match="malformed TLS verdict"):
             TlsVerdict.from_json(bad)

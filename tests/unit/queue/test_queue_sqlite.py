@@ -625,7 +625,8 @@ def test_the_tls_verdict_of_the_last_attempt_is_kept_per_recipient(tmp_path: Pat
                               (message_id,)).fetchone()[0]
     conn.close()
     assert json.loads(stored) == {"protocol": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384",
-                                  "verified": True, "policy": "verify", "failure": None}
+                                  "verified": True, "policy": "verify", "failure": None, "trust": "Verified",
+                                  "dane": None}
 
 
 def test_retry_makes_pending_recipients_due_without_counting_an_attempt(tmp_path: Path) -> None:
