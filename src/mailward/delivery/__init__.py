@@ -57,9 +57,11 @@ from mailward.delivery.policy import (
     Plan,
     Refusal,
     RouteFacts,
+    TlsaFacts,
     destination_for,
     literal_facts,
     plan,
+    tlsa_hosts,
 )
 from mailward.queue import (
     CorruptMessage,
@@ -79,11 +81,13 @@ from mailward.reports.dsn import Action, RecipientReport, build_dsn, returns_who
 __all__ = [
     "DeadHosts",
     "Deliverer",
+    "Resolver",
     "SlowStart",
     "backoff",
     "build_deliverer",
     "due_recipients",
     "group_by_destination",
+    "lookup_tlsa",
     "read_smarthost_credentials",
     "settle",
 ]
@@ -284,12 +288,42 @@ def build_deliverer(config: Config, queue: Queue) -> Deliverer:
 
 
 class Resolver(Protocol):
-    """What the Deliverer needs from `dns.DnsResolver`: both raise `DnsPermanentError` or
-    `DnsTemporaryError` when DNS gives no usable answer."""
+    """What the Deliverer needs from `dns.DnsResolver`: `next_hops` and `addresses` raise
+    `DnsPermanentError` or `DnsTemporaryError` when DNS gives no usable answer; `tlsa` reports a
+    failed lookup as status "bogus"."""
 
     async def next_hops(self, domain: str) -> NextHops: ...
 
     async def addresses(self, host: str) -> HostAddresses: ...
+
+    async def tlsa(self, host: str, port: int = 25) -> TlsaFacts: ...
+
+
+async def lookup_tlsa(resolver: Resolver, destination: Destination,
+                      facts: RouteFacts) -> dict[str, TlsaFacts] | None:
+    """The TLSA facts `plan` needs: one concurrent lookup per host that RFC 7672 lets DANE apply to
+    (`policy.tlsa_hosts`: dane levels only, a secure MX RRset or the next-hop domain itself, and
+    secure address records or a secure alias); None when no host qualifies.
+
+    A lookup that raises counts as bogus, as one that fails does (§2.1.1): that host may not be
+    used, which is never the same as "no TLSA records". The resolver caches the answers.
+    """
+    hosts = tlsa_hosts(destination, facts)
+    if not hosts:
+        return None
+    answers = await asyncio.gather(*(resolver.tlsa(h, destination.port) for h in hosts),
+                                   return_exceptions=True)
+    found: dict[str, TlsaFacts] = {}
+    for host, answer in zip(hosts, answers, strict=True):
+        if isinstance(answer, BaseException):
+            if not isinstance(answer, Exception):
+                raise answer
+            log.warning("%s: TLSA lookup for %s failed: %s", destination.key, host, answer)
+            answer = TlsaFacts("bogus", base_domain=host)
+        found[host] = answer
+        log.debug("%s: TLSA for %s (base domain %s): %s, %d record(s)", destination.key, host,
+                  answer.base_domain, answer.status, len(answer.records))
+    return found
 
 
 class LocalAgent(Protocol):
@@ -591,6 +625,9 @@ class Deliverer:
 
     async def _deliver_remote(self, destination: Destination, jobs: list[_Job]) -> None:
         facts_or_refusal = await self._route_facts(destination)
+        tlsa = None
+        if self.resolver is not None and not isinstance(facts_or_refusal, Refusal):
+            tlsa = await lookup_tlsa(self.resolver, destination, facts_or_refusal)
         # REQUIRETLS messages get their own plan and their own connections: a connection chosen
         # for opportunistic TLS must never carry them (maddy calls this pool poisoning).
         for requiretls in (False, True):
@@ -600,7 +637,9 @@ class Deliverer:
             if isinstance(facts_or_refusal, Refusal):
                 decision = Plan(destination, refusal=facts_or_refusal)
             else:
-                decision = plan(destination, facts_or_refusal, requiretls=requiretls)
+                decision = plan(destination, facts_or_refusal, requiretls=requiretls, tlsa=tlsa)
+            for why in decision.skipped:
+                log.info("%s: not using %s", destination.key, why)
             if decision.refusal is not None:
                 refusal = decision.refusal
                 status: ResultStatus = "failed" if refusal.permanent else "deferred"

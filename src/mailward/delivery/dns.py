@@ -109,6 +109,7 @@ class HostAddresses:
     status: DnssecStatus  # "secure" only when the A and the AAAA answers both validated
     cname_chain: tuple[str, ...] = ()  # from `name` through every alias to the canonical name; () if none
     error: str | None = None  # why there are no addresses, when the lookup failed or found nothing
+    alias_secure: bool = False  # `name` is a validated CNAME, whatever the status of its target
 
     @property
     def canonical(self) -> str:
@@ -117,7 +118,7 @@ class HostAddresses:
 
     def facts(self, preference: int = 0) -> HostFacts:
         return HostFacts(name=self.name, addresses=self.addresses, preference=preference,
-                         secure=self.status == "secure")
+                         secure=self.status == "secure", alias_secure=self.alias_secure)
 
     def route_facts(self) -> RouteFacts:
         """Facts for an explicit next-hop host (a route or smarthost named without MX lookup)."""
@@ -254,8 +255,10 @@ class DnsResolver:
         if mx.outcome == "answer" and not exchanges:
             return NextHops(shown, (), mx.status, null_mx=True, cname_chain=mx.cname_chain)
         if mx.outcome == "nodata":
-            # RFC 5321 §5.1: no MX, so the domain itself (after CNAMEs) is the host, preference 0.
-            host = await self._host(_name(mx.canonical))
+            # RFC 5321 §5.1: no MX, so the domain itself is the host, preference 0. It keeps its own
+            # name, CNAMEs followed and recorded, because DANE asks whether that name's chain is
+            # secure (RFC 7672 §2.2.2): an insecure alias of a signed host proves nothing.
+            host = await self._host(name)
             if not host.addresses:
                 raise DnsPermanentError(f"domain {shown} has no MX and no address records", status="5.4.4")
             return NextHops(shown, (MailHost(0, host),), mx.status, implicit=True, cname_chain=mx.cname_chain)
@@ -282,9 +285,10 @@ class DnsResolver:
 
         RFC 7672 §2.2.2: when `host` is an alias whose address records validated, the TLSA base
         domain is first the CNAME-expanded name, and the name as given only when the expanded
-        name securely has no TLSA records. A lookup that fails is "bogus" (§2.1.1: the host must
-        not be used without TLS, never "no records"). Callers look up TLSA only for hosts whose
-        address records are secure (§2.2.1).
+        name securely has no TLSA records; a secure alias of an insecure target has TLSA only at
+        the name as given. A lookup that fails is "bogus" (§2.1.1: the host must not be used
+        without TLS, never "no records"). Callers look up TLSA only for hosts whose address records
+        are secure, or that are secure aliases (`policy.tlsa_hosts`).
         """
         try:
             name = _name(host)
@@ -331,8 +335,17 @@ class DnsResolver:
         self.rng.shuffle(four)
         status: DnssecStatus = "secure" if v6.status == v4.status == "secure" else "insecure"
         chain = v4.cname_chain or v6.cname_chain
+        alias_secure = status == "secure" and bool(chain)
+        if chain and status != "secure" and self.trust_ad:
+            # The AD bit covers the whole chain. Whether the alias itself validated decides if TLSA
+            # records at its own name count (RFC 7672 §2.2.2; Postfix asks the same CNAME question).
+            try:
+                alias_secure = (await self._lookup(name, dns.rdatatype.CNAME)).status == "secure"
+            except DnsError:
+                # Unknown is not "insecure" (§2.1.1): the TLSA lookup, whose own status counts, decides.
+                alias_secure = True
         return HostAddresses(shown, tuple(six + four), status, cname_chain=chain,
-                             error=None if six or four else "no address records")
+                             error=None if six or four else "no address records", alias_secure=alias_secure)
 
     async def _host_or_error(self, name: dns.name.Name) -> HostAddresses:
         """An MX host's addresses; a failed lookup leaves the host without addresses, with why."""

@@ -199,6 +199,7 @@ class HostFacts:
     addresses: tuple[str, ...]  # IPv6 and IPv4, in the order to try
     preference: int = 0
     secure: bool = False  # its address records validated (DNSSEC)
+    alias_secure: bool = False  # the name is a validated CNAME, whatever its target's status
 
 
 @dataclass(frozen=True, slots=True)
@@ -459,8 +460,9 @@ def dane_unavailable(destination: Destination, facts: RouteFacts, host: HostFact
     # MX naming the domain itself) was not chosen by that answer, so §2.2.2 applies to it.
     if destination.uses_mx and not (facts.mx_secure or facts.implicit_mx or host.name == destination.domain):
         return "the MX records are not DNSSEC-secure"
-    # §2.2.2: TLSA only for hosts whose address records are secure.
-    if not host.secure:
+    # §2.2.2: TLSA only for hosts whose address records are secure, or whose own name is a secure
+    # alias (TLSA at that name then; Postfix does the same).
+    if not (host.secure or host.alias_secure):
         return "its address records are not DNSSEC-secure"
     return None
 

@@ -146,10 +146,16 @@ def test_implicit_mx_uses_the_domains_own_addresses() -> None:
 
 def test_implicit_mx_follows_the_domains_cname() -> None:
     fake = FakeDns().add("alias.example", "MX", "alias.example. 60 IN CNAME real.example.")
-    fake.host("real.example", "192.0.2.8")
+    for rdtype, tail in (("A", ["real.example. 300 IN A 192.0.2.8"]), ("AAAA", [])):
+        fake.answers[("alias.example", rdtype)] = [message(
+            "alias.example", rdtype, "alias.example. 60 IN CNAME real.example.", *tail,
+            negative_ttl=None if tail else 300)]
+    fake.add("alias.example", "CNAME", "alias.example. 60 IN CNAME real.example.")
     result = hops(resolver(fake), "alias.example")
-    assert result.cname_chain == ("alias.example", "real.example")
-    assert [h.host.name for h in result.hosts] == ["real.example"] and result.implicit
+    assert result.cname_chain == ("alias.example", "real.example") and result.implicit
+    # The domain stays the host, its alias recorded: DANE asks whether that chain is secure.
+    (host,) = [h.host for h in result.hosts]
+    assert (host.name, host.canonical, host.addresses) == ("alias.example", "real.example", ("192.0.2.8",))
 
 
 def test_no_mx_and_no_address_is_permanent() -> None:
@@ -275,16 +281,18 @@ def test_answers_are_cached_for_their_smallest_ttl() -> None:
     fake.answers[("mx.example", "A")] = [message("mx.example", "A", "mx.example. 60 IN CNAME real.example.",
                                                  "real.example. 300 IN A 192.0.2.1")]
     fake.add("mx.example", "AAAA", negative_ttl=120)
+    # An insecure alias: whether the alias itself is secure is asked once too (DANE, RFC 7672 §2.2.2).
+    fake.add("mx.example", "CNAME", "mx.example. 300 IN CNAME real.example.")
     clock = Clock()
     r = resolver(fake, clock=clock)
     run(r.addresses("mx.example"))
-    assert len(fake.asked) == 2
+    assert len(fake.asked) == 3
     clock.now += 59
     run(r.addresses("mx.example"))
-    assert len(fake.asked) == 2  # both from the cache
+    assert len(fake.asked) == 3  # all from the cache
     clock.now += 2  # the A answer (TTL 60 through its CNAME) expired, the denial (120) did not
     run(r.addresses("mx.example"))
-    assert fake.asked[2:] == [("mx.example", "A")]
+    assert fake.asked[3:] == [("mx.example", "A")]
 
 
 def test_failures_are_never_cached() -> None:
@@ -390,3 +398,26 @@ def test_an_insecure_alias_is_not_expanded_for_tlsa() -> None:
     facts = run(resolver(fake).tlsa("mx.example"))
     assert facts.status == "insecure" and facts.base_domain == "mx.example"
     assert ("_25._tcp.real.example", "TLSA") not in fake.asked
+
+
+@pytest.mark.parametrize(("cname", "expected"), [("secure", True), ("insecure", False), ("SERVFAIL", True)])
+def test_a_secure_alias_of_an_insecure_target_is_marked(cname: str, expected: bool) -> None:
+    # RFC 7672 §2.2.2 as Postfix reads it: the chain as a whole is insecure (its target is in an
+    # unsigned zone), but the alias itself validated, so TLSA records at its own name count.
+    fake = alias_zone(False, False)
+    if cname != "SERVFAIL":
+        fake.add("mx.example", "CNAME", "mx.example. 300 IN CNAME real.example.", ad=cname == "secure")
+    host = run(resolver(fake).addresses("mx.example"))
+    assert host.status == "insecure"
+    # A failed CNAME lookup is not "insecure": the TLSA lookup, with its own status, decides.
+    assert host.alias_secure is expected and host.facts().alias_secure is expected
+    # A secure chain is a secure alias; a plain name is none; neither needs the extra question.
+    secure = alias_zone(True, False)
+    assert run(resolver(secure).addresses("mx.example")).alias_secure
+    plain = FakeDns(ad=False).host("mx.example", "192.0.2.1")
+    assert not run(resolver(plain).addresses("mx.example")).alias_secure
+    assert ("mx.example", "CNAME") not in secure.asked + plain.asked
+    # Without a trusted AD bit nothing is secure, so the question is not worth asking.
+    remote = alias_zone(False, False)
+    assert not run(resolver(remote, ("192.0.2.53",)).addresses("mx.example")).alias_secure
+    assert ("mx.example", "CNAME") not in remote.asked
