@@ -11,15 +11,25 @@ Zones (a declarative set, built once per session):
 * ``secure.test`` is signed and anchored: answers carry AD.
 * ``insecure.test`` is unsigned: answers come without AD.
 * ``bogus.test`` is signed with signatures that expired in 2020: Unbound answers SERVFAIL.
+* ``dane.test`` (signed, anchored) and ``unsigned.test``: DANE destinations whose TLSA records name
+  certificates made at set-up (dane_lab.py), one signature broken on purpose.
 
 Mail hosts live on distinct loopback addresses with one shared SMTP port (`smtp_port`, the
 `[delivery] port` of a test's mailward): LIVE where a test runs its SMTP peer, DEAD where nothing
-listens (connection refused), SILENT where a socket accepts and never says a word (the lab holds it).
+listens (connection refused), SILENT where a socket accepts and never says a word (the lab holds it);
+the DANE peers' addresses are in dane_lab.py.
+
+Tools that only use the system resolver (Postfix's posttls-finger) need a resolver on port 53:
+when that port can be bound (as root), Unbound also listens on port 53 of a loopback address of
+its own (`DnsLab.system_resolver`; chosen at random, so test sessions running side by side do
+not meet), and `DnsLab.resolv_conf` is a resolv.conf naming it, with the AD bit trusted (glibc
+strips it unless `options trust-ad`).
 """
 
 from __future__ import annotations
 
 import ctypes
+import random
 import shutil
 import signal
 import socket
@@ -34,6 +44,17 @@ import dns.flags
 import dns.message
 import dns.query
 import dns.rcode
+from dane_lab import (
+    ADDRESSES,
+    BROKEN_TLSA_HOST,
+    SIGNED,
+    UNSIGNED,
+    DaneCerts,
+    break_signature,
+    make_certificates,
+    signed_zone,
+    unsigned_zone,
+)
 
 RESOLVER_IP = "127.0.53.1"
 NSD_IP = "127.0.53.2"
@@ -112,6 +133,9 @@ class DnsLab:
     resolver_port: int
     nsd_port: int
     smtp_port: int
+    dane: DaneCerts | None = None
+    system_resolver: str | None = None  # Unbound's address with port 53, if it could have one
+    resolv_conf: Path | None = None  # for tools that only use the system resolver; None: not available
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     silent: socket.socket | None = None
 
@@ -152,11 +176,20 @@ class DnsLab:
 
 def start_dnssec(root: Path) -> DnsLab:
     root.mkdir(parents=True, exist_ok=True)
-    anchors = [_signed(root, "secure.test", SECURE_ZONE),
-               _signed(root, "bogus.test", BOGUS_ZONE, dates=("-i", "20200101", "-e", "20200201"))]
-    (root / "insecure.test.zone").write_text(INSECURE_ZONE)
     lab = DnsLab(root, resolver_port=_free_port(RESOLVER_IP, socket.SOCK_DGRAM),
-                 nsd_port=_free_port(NSD_IP, socket.SOCK_DGRAM), smtp_port=_shared_port(LIVE, DEAD, SILENT))
+                 nsd_port=_free_port(NSD_IP, socket.SOCK_DGRAM),
+                 smtp_port=_shared_port(LIVE, DEAD, SILENT, *ADDRESSES))
+    lab.dane = make_certificates(root / "dane")
+    anchors = [_signed(root, "secure.test", SECURE_ZONE),
+               _signed(root, "bogus.test", BOGUS_ZONE, dates=("-i", "20200101", "-e", "20200201")),
+               _signed(root, SIGNED, signed_zone(lab.smtp_port, lab.dane, NSD_IP),
+                       broken=(f"_{lab.smtp_port}._tcp.{BROKEN_TLSA_HOST}", "TLSA"))]
+    (root / "insecure.test.zone").write_text(INSECURE_ZONE)
+    (root / f"{UNSIGNED}.zone").write_text(unsigned_zone(lab.smtp_port, NSD_IP))
+    lab.system_resolver = _port53_address()
+    if lab.system_resolver is not None:
+        lab.resolv_conf = root / "resolv.conf"
+        lab.resolv_conf.write_text(f"nameserver {lab.system_resolver}\noptions trust-ad edns0\n")
     try:
         silent = socket.socket()
         silent.bind((SILENT, lab.smtp_port))
@@ -177,10 +210,12 @@ def start_dnssec(root: Path) -> DnsLab:
 
 # --- set-up parts -----------------------------------------------------------------------------------
 
-def _signed(root: Path, zone: str, text: str, dates: tuple[str, ...] = ()) -> Path:
+def _signed(root: Path, zone: str, text: str, dates: tuple[str, ...] = (),
+            broken: tuple[str, str] | None = None) -> Path:
     """Sign `text` with a new KSK and ZSK; the KSK's DNSKEY file is the trust anchor.
 
     `dates` are ldns-signzone's -i (inception) and -e (expiration) options; default: now, 4 weeks.
+    `broken` names one RRset (owner, type) whose signature is then made invalid.
     """
     def run(*args: str) -> str:
         return subprocess.run([_tool(args[0]), *args[1:]], cwd=root, check=True, capture_output=True,
@@ -190,6 +225,9 @@ def _signed(root: Path, zone: str, text: str, dates: tuple[str, ...] = ()) -> Pa
     zsk = run("ldns-keygen", "-a", "ECDSAP256SHA256", zone)
     (root / f"{zone}.zone").write_text(text)
     run("ldns-signzone", *dates, "-f", f"{zone}.zone.signed", f"{zone}.zone", zsk, ksk)
+    if broken is not None:
+        signed = root / f"{zone}.zone.signed"
+        signed.write_text(break_signature(signed.read_text(), *broken))
     return root / f"{ksk}.key"
 
 
@@ -197,7 +235,9 @@ def _nsd_conf(root: Path, port: int) -> str:
     zones = "".join(f'zone:\n    name: "{z}"\n    zonefile: "{f}"\n'
                     for z, f in (("secure.test", "secure.test.zone.signed"),
                                  ("bogus.test", "bogus.test.zone.signed"),
-                                 ("insecure.test", "insecure.test.zone")))
+                                 ("insecure.test", "insecure.test.zone"),
+                                 (SIGNED, f"{SIGNED}.zone.signed"),
+                                 (UNSIGNED, f"{UNSIGNED}.zone")))
     return f"""server:
     ip-address: {NSD_IP}@{port}
     port: {port}
@@ -223,11 +263,12 @@ def _unbound_conf(root: Path, lab: DnsLab, anchors: list[Path]) -> str:
     stub = f"{NSD_IP}@{lab.nsd_port}"
     # "." goes to NSD too, which refuses it: nothing is ever asked of the real root servers.
     stubs = "".join(f'stub-zone:\n    name: "{z}"\n    stub-addr: {stub}\n'
-                    for z in (".", "secure.test", "insecure.test", "bogus.test"))
+                    for z in (".", "secure.test", "insecure.test", "bogus.test", SIGNED, UNSIGNED))
     trust = "".join(f'    trust-anchor-file: "{a}"\n' for a in anchors)
+    system = f"    interface: {lab.system_resolver}@53\n" if lab.system_resolver is not None else ""
     return f"""server:
     interface: {RESOLVER_IP}@{lab.resolver_port}
-    port: {lab.resolver_port}
+{system}    port: {lab.resolver_port}
     outgoing-interface: {RESOLVER_IP}
     access-control: 127.0.0.0/8 allow
     do-ip6: no
@@ -289,6 +330,22 @@ def _wait_for(ready: Callable[[], bool], lab: DnsLab, what: str, timeout: float 
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} did not answer within {timeout}s:\n{lab.log()}")
         time.sleep(0.05)
+
+
+def _port53_address() -> str | None:
+    """A loopback address whose UDP and TCP port 53 can be bound (root only), or None."""
+    for _ in range(20):
+        ip = f"127.53.{random.randint(1, 254)}.{random.randint(1, 254)}"
+        try:
+            for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+                with socket.socket(socket.AF_INET, kind) as s:
+                    s.bind((ip, 53))
+        except PermissionError:
+            return None
+        except OSError:
+            continue
+        return ip
+    return None
 
 
 def _free_port(ip: str, kind: socket.SocketKind = socket.SOCK_STREAM) -> int:

@@ -42,6 +42,10 @@ class MailwardServer:
     # Off by default so tests of what was accepted see it still queued; delivery tests turn it on
     # (and may then write their own [delivery] table in extra_toml).
     deliver: bool = False
+    # Where every listener binds: DANE peers each take their own loopback address.
+    address: str = "127.0.0.1"
+    # (chain, key) files for [[tls.certificates]], the first the default; empty: the demo pair.
+    certificates: tuple[tuple[Path, Path], ...] = ()
     _log_offset: int = 0
 
     @property
@@ -84,11 +88,13 @@ class MailwardServer:
         return int(getattr(self, kind))
 
     def config_text(self) -> str:
+        certificates = "".join(f'\n[[tls.certificates]]\ncert = "{cert}"\nkey = "{key}"\n'
+                               for cert, key in self.certificates or ((self.cert, self.key),))
         listeners = "".join(
             f"""
 [[listener]]
 kind = "{kind}"
-address = "127.0.0.1"
+address = "{self.address}"
 port = {self.port(kind)}
 {self.listener_toml.get(kind, "")}
 """
@@ -99,11 +105,7 @@ hostname = "mx.example.test"
 state_dir = "state"
 local_domains = ["example.test"]
 {self.extra_toml}
-{listeners}
-[[tls.certificates]]
-cert = "{self.cert}"
-key = "{self.key}"
-
+{listeners}{certificates}
 [log]
 level = "{self.log_level}"
 {"" if self.deliver else "[delivery]" + chr(10) + "enabled = false" + chr(10)}{self._dns_toml()}"""
