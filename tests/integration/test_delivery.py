@@ -187,6 +187,11 @@ class PickyServer:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
+        self._sessions: set[asyncio.Task[None]] = set()
+
+    @property
+    def open_sessions(self) -> int:
+        return len(self._sessions)
 
     def __enter__(self) -> PickyServer:
         self._thread.start()
@@ -198,6 +203,11 @@ class PickyServer:
             assert self._server is not None
             self._server.close()
             await self._server.wait_closed()
+            # A client may keep an idle connection open (mailward parks them for reuse): end
+            # those sessions here, before the loop closes under them.
+            for task in self._sessions:
+                task.cancel()
+            await asyncio.gather(*self._sessions, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -209,6 +219,10 @@ class PickyServer:
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.sessions += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._sessions.add(task)
+        task.add_done_callback(self._sessions.discard)
         eng = ServerConnection(ServerOptions(hostname="picky.test", starttls=self.starttls != "absent"))
         eng.greet()
         mail_from, rcpts, body = "", [], bytearray()
@@ -549,3 +563,21 @@ def test_sigkill_during_delivery_loses_nothing(make_server: MakeServer, tmp_path
         assert sum(counts.values()) - len(ids) <= 10, counts
     finally:
         slow.stop()
+
+
+def test_an_idle_connection_carries_the_next_message_then_closes(make_server: MakeServer,
+                                                                  picky: PickyServer) -> None:
+    server = make_server(deliver=True, extra_toml=delivery_toml(
+        route("picky.test", f"[127.0.0.1]:{picky.port}", security="may"), relay=("picky.test",)))
+    submit_mx(server, "sender@back.test", ["a@picky.test"], message("reuse1"))
+    wait_until(lambda: len(picky.received) == 1, what="the first message")
+    # Mail arriving while the connection is parked goes over it (after RSET), not a new one.
+    submit_mx(server, "sender@back.test", ["b@picky.test"], message("reuse2"))
+    wait_until(lambda: len(picky.received) == 2, what="the second message")
+    assert picky.sessions == 1
+    # Parked connections are closed (QUIT) once idle for a couple of seconds.
+    wait_until(lambda: picky.open_sessions == 0, timeout=8, what="the idle close")
+    submit_mx(server, "sender@back.test", ["c@picky.test"], message("reuse3"))
+    wait_until(lambda: len(picky.received) == 3, what="the third message")
+    assert picky.sessions == 2
+

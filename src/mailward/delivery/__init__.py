@@ -98,6 +98,11 @@ INLINE_BODY = 256 * 1024  # bodies up to this size are read once and kept for ev
 LEASE_BATCH = 200  # messages claimed per lease call
 MAX_IDLE = 60.0  # an idle loop looks at the queue at least this often
 STOP_GRACE = 20.0  # seconds stop() lets attempts in flight finish
+# An open connection with nothing left to send waits this long for the next message to its
+# destination (Postfix's smtp_connection_cache_time_limit): new mail arrives in small batches,
+# and a new TLS connection per batch costs more than the delivery itself.
+PARK_SECONDS = 2.0
+PARK_MAX_AGE = 300.0  # never reuse a connection opened longer ago (smtp_connection_reuse_time_limit)
 
 
 # --- pure parts -------------------------------------------------------------------------------------
@@ -168,10 +173,14 @@ def group_by_destination(
 ) -> dict[Destination, list[Recipient]]:
     """Recipients by where they go, in first-seen order."""
     groups: dict[Destination, list[Recipient]] = {}
+    routed: dict[str, Destination] = {}  # many recipients share a domain
     for state in recipients:
         address = state.recipient.address
         domain = address.rpartition("@")[2].lower() if "@" in address else ""
-        groups.setdefault(destination_for(domain, config), []).append(state.recipient)
+        destination = routed.get(domain)
+        if destination is None:
+            destination = routed[domain] = destination_for(domain, config)
+        groups.setdefault(destination, []).append(state.recipient)
     return groups
 
 
@@ -375,6 +384,12 @@ class _Job:
     recipients: tuple[Recipient, ...]
 
 
+@dataclass(slots=True)
+class _Parked:
+    session: Session
+    timer: asyncio.TimerHandle
+
+
 class _NoHost(Exception):
     def __init__(self, reply: str, tls: TlsOutcome, policy: str | None = None) -> None:
         super().__init__(reply)
@@ -467,6 +482,10 @@ class Deliverer:
         self._running = asyncio.Event()
         self._loop_done = asyncio.Event()
         self._max_messages = max(LEASE_BATCH, 4 * self.dc.concurrency)
+        # Lease when this many slots are free (or nothing is in flight): one lease per finished
+        # message would split the queue into one-message groups with a connection each.
+        self._refill_at = max(1, min(LEASE_BATCH, self._max_messages) // 4)
+        self._parked: dict[tuple[str, Candidate], list[_Parked]] = {}
         self.postmaster = f"postmaster@{config.hostname}"
 
     # --- the loop ---
@@ -496,7 +515,8 @@ class Deliverer:
     async def _step(self) -> None:
         capacity = self._max_messages - len(self._works)
         leased: list[StoredMessage] = []
-        if capacity > 0:
+        may_lease = capacity >= self._refill_at or not self._works
+        if may_lease:
             try:
                 leased = await self.queue.lease(self.owner, self.clock(), min(capacity, LEASE_BATCH),
                                                 self.dc.lease_seconds)
@@ -512,7 +532,7 @@ class Deliverer:
         elif leased:
             self._dispatch(leased)
         else:
-            await self._idle(capacity > 0)
+            await self._idle(may_lease)
 
     async def _idle(self, may_lease: bool) -> None:
         timeout = MAX_IDLE
@@ -554,6 +574,7 @@ class Deliverer:
         for work in list(self._works.values()):
             if not work.finished:
                 await self._finish(work)
+        await self._close_parked()
 
     def _dispatch(self, messages: Sequence[StoredMessage]) -> None:
         now = self.clock()
@@ -697,10 +718,13 @@ class Deliverer:
                                 self._set_missing(job, _deferral(exc.reply), "none", exc.tls, exc.policy)
                             return
                         gate.success()
+                        parked = False
                         try:
                             await self._send_over(session, pending)
+                            parked = self._park(destination.key, session)
                         finally:
-                            await session.close()
+                            if not parked:
+                                await session.close()
                 finally:
                     gate.release()
 
@@ -711,7 +735,56 @@ class Deliverer:
             if gate.idle:
                 self._gates.pop(destination.key, None)
 
+    # --- connection reuse ---
+
+    def _park(self, key: str, session: Session) -> bool:
+        """Keep an idle, healthy connection for the next message to the same host with the same
+        TLS requirement; False when it should be closed instead."""
+        if self._stopping.is_set() or not session.usable or session.client.in_transaction:
+            return False
+        if time.monotonic() - session.opened_at > PARK_MAX_AGE:
+            return False
+        slot = self._parked.setdefault((key, session.candidate), [])
+        if len(slot) >= self.dc.per_destination:
+            return False
+        entry = _Parked(session, asyncio.get_running_loop().call_later(
+            PARK_SECONDS, lambda: self._spawn(self._expire_parked(key, session))))
+        slot.append(entry)
+        return True
+
+    def _unpark(self, key: str, decision: Plan) -> Session | None:
+        # In the plan's order, so a parked connection to a worse MX never beats a better one's.
+        for candidate in decision.candidates:
+            slot = self._parked.get((key, candidate))
+            while slot:
+                entry = slot.pop()
+                entry.timer.cancel()
+                if entry.session.usable:
+                    return entry.session
+                entry.session.abort()
+        return None
+
+    async def _expire_parked(self, key: str, session: Session) -> None:
+        slot = self._parked.get((key, session.candidate), [])
+        for entry in slot:
+            if entry.session is session:
+                slot.remove(entry)
+                await session.close()
+                break
+        if not slot:
+            self._parked.pop((key, session.candidate), None)
+
+    async def _close_parked(self) -> None:
+        parked = [entry for slot in self._parked.values() for entry in slot]
+        self._parked.clear()
+        for entry in parked:
+            entry.timer.cancel()
+        await asyncio.gather(*(entry.session.close() for entry in parked), return_exceptions=True)
+
     async def _connect(self, decision: Plan, settings: AttemptSettings) -> Session:
+        reused = self._unpark(decision.destination.key, decision)
+        if reused is not None:
+            return reused
         last: AttemptError | None = None
         last_policy: str | None = None
         skipped: list[Candidate] = []

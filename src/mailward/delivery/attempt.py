@@ -18,6 +18,7 @@ import asyncio
 import functools
 import logging
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,6 +212,7 @@ class Session:
         self.client = client
         self.tls: TlsOutcome = PLAINTEXT
         self.messages = 0
+        self.opened_at = time.monotonic()
 
     # --- opening ---
 
