@@ -935,24 +935,54 @@ def load_config(path: Path | None = None) -> Config:
     return config_from_dict(raw, str(path), base_dir=path.parent)
 
 
+def demo_toml(var_dir: Path) -> str:
+    """The embedded configuration of `mailward serve --demo` as TOML: loopback only, unprivileged
+    ports. `prepare_demo` writes it to var_dir/mailward.toml so `mailward queue ...` and
+    `mailward sendmail` can be pointed at the running demo."""
+    var = var_dir.absolute()
+
+    def q(path: Path) -> str:
+        return '"' + str(path).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    return f"""# Written by `mailward serve --demo` at every start: edits here are overwritten.
+hostname = "localhost"
+state_dir = {q(var)}
+# Mail for these lands in state_dir/mail/<user>/new at once (local.maildir's default).
+local_domains = ["localhost", "mailward.test"]
+
+[[listener]]
+kind = "mx"
+address = "127.0.0.1"
+port = 2525
+
+[[listener]]
+kind = "submissions"
+address = "127.0.0.1"
+port = 2465
+
+[[listener]]
+kind = "submission"
+address = "127.0.0.1"
+port = 2587
+
+[[tls.certificates]]
+cert = {q(var / "tls" / "cert.pem")}
+key = {q(var / "tls" / "key.pem")}
+
+# "demo" is the demo user (demo@mailward.test): postmaster and every unknown local part land in
+# state_dir/mail/demo/, so any test message can be seen there.
+[local]
+catch_all = "demo"
+
+[[local.alias]]
+name = "postmaster"
+targets = ["demo"]
+"""
+
+
 def demo_config(var_dir: Path) -> Config:
-    """The embedded configuration of `mailward serve --demo`: loopback only, unprivileged ports."""
-    return config_from_dict({
-        "hostname": "localhost",
-        "state_dir": str(var_dir),
-        # Mail for these lands in var_dir/mail/<user>/new at once (local.maildir's default).
-        "local_domains": ["localhost", "mailward.test"],
-        "listener": [
-            {"kind": "mx", "address": "127.0.0.1", "port": 2525},
-            {"kind": "submissions", "address": "127.0.0.1", "port": 2465},
-            {"kind": "submission", "address": "127.0.0.1", "port": 2587},
-        ],
-        "tls": {"certificates": [{"cert": str(var_dir / "tls" / "cert.pem"),
-                                  "key": str(var_dir / "tls" / "key.pem")}]},
-        # "demo" is the demo user (demo@mailward.test): postmaster and every unknown local part
-        # land in var_dir/mail/demo/, so any test message can be seen there.
-        "local": {"alias": [{"name": "postmaster", "targets": ["demo"]}], "catch_all": "demo"},
-    }, "the demo configuration")
+    """The embedded configuration of `mailward serve --demo` (see demo_toml)."""
+    return config_from_dict(tomllib.loads(demo_toml(var_dir)), "the demo configuration")
 
 
 # --- start-up file checks -------------------------------------------------------------------------

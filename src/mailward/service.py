@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mailward import __version__
 from mailward.auth import AuthThrottle, UserStore, UserStoreError
-from mailward.config import Config, ConfigError, check_files, demo_config
+from mailward.config import Config, ConfigError, check_files, demo_config, demo_toml
 from mailward.delivery import Deliverer, build_deliverer
 from mailward.delivery.local import LocalRecipients
 from mailward.inbound import InboundServices, Listener, LocalListener, LocalSocketError, local_socket_path
@@ -42,11 +42,16 @@ def configure_logging(level: str, fmt: str) -> None:
                         force=True)
 
 
+DEMO_CONFIG_FILE = "mailward.toml"
+
+
 def prepare_demo(var_dir: Path) -> tuple[Config, str]:
     """The embedded default of `make run`: demo certificate, demo user, state under var/."""
     var_dir.mkdir(parents=True, exist_ok=True)
     make_demo_certificate(var_dir / "tls", "localhost")
     config = demo_config(var_dir)
+    # The same settings as a file, so the operator tools can be pointed at the running demo.
+    (var_dir / DEMO_CONFIG_FILE).write_text(demo_toml(var_dir))
     users = UserStore(config.auth.users_file)
     cred_file = var_dir / "demo-credentials"
     password = None
@@ -76,10 +81,13 @@ def demo_banner(config: Config, password: str) -> str:
         f"Demo user: {DEMO_USER} (password in {state}/demo-credentials)",
         "Send a message over implicit TLS with AUTH:",
         f"  swaks --server 127.0.0.1:2465 --tls-on-connect --auth PLAIN --auth-user {DEMO_USER} "
-        f"--auth-password '{password}' --from {DEMO_USER} --to someone@example.org",
+        f"--auth-password '{password}' --from {DEMO_USER} --to you@localhost",
         "or to the MX listener:",
         "  swaks --server 127.0.0.1:2525 --tls --to postmaster@mailward.test",
-        f"Mail to any name at localhost or mailward.test lands in {state}/mail/demo/new at once.",
+        f"Mail to any name at localhost or mailward.test lands in {state}/mail/demo/new at once;",
+        "mail to other domains is delivered to their MX hosts.",
+        f"Queue and sendmail: mailward queue list -c {state / DEMO_CONFIG_FILE}  (or export "
+        f"MAILWARD_CONFIG={state / DEMO_CONFIG_FILE})",
         f"The demo CA certificate is {ca}. Stop with Ctrl-C.",
     ]
     return "\n".join(lines)

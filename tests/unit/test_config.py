@@ -587,6 +587,14 @@ def test_demo_config_makes_a_relative_var_dir_absolute(tmp_path: Path, monkeypat
     assert demo_config(Path("var")).state_dir == tmp_path / "var"
 
 
+def test_demo_writes_its_configuration_for_the_operator_tools(tmp_path: Path) -> None:
+    from mailward.service import prepare_demo
+
+    var = tmp_path / "va\"r dir"  # a path that needs quoting in TOML
+    config, _ = prepare_demo(var)
+    assert load_config(var / "mailward.toml") == config == demo_config(var)
+
+
 # --- check_files ----------------------------------------------------------------------------------
 
 def files_config(tmp_path: Path, **extra: Any) -> Config:
