@@ -4,6 +4,8 @@
 * server: messages accepted per second over 465, 587 and 25 with full durability, mailward and a
   throwaway loopback Postfix configured alike, back to back (bench/server.py);
 * outbound: messages delivered per second to smtp-sink from a pre-filled queue (bench/outbound.py);
+* dane: mailward alone, delivery to a DANE destination (DNSSEC lab, cached DNS) beside the same
+  destination at level may; its ratio is dane / may, target at least 0.90 (bench/dane.py);
 * idle: memory of 10,000 idle TLS sessions on 465 (bench/idle.py).
 
 A benchmark is a function taking the parsed arguments and returning rows; add it to BENCHMARKS.
@@ -25,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import dane
 import engine
 import idle
 import outbound
@@ -98,6 +101,17 @@ def outbound_rows(args: argparse.Namespace, notes: Notes) -> list[Row]:
     return out
 
 
+def dane_rows(args: argparse.Namespace, notes: Notes) -> list[Row]:
+    r = dane.compare(dane.QUICK_MESSAGES if args.quick else dane.MESSAGES)
+    print(dane.format_row(r), flush=True)
+    notes.fairness.append(dane.NOTES)
+    notes.problems += [f"dane: {p}" for p in r.problems]
+    notes.noise += [f"dane: {n}" for n in r.noise]
+    # No Postfix here: the comparison is mailward at dane against mailward at may.
+    return [Row("dane", r.label, f"{_msgs(r.dane.msgs_per_s)} (may {_msgs(r.may.msgs_per_s)})", "-",
+                r.ratio, f">= {dane.TARGET:.2f} x may", r.ratio >= dane.TARGET and not r.problems)]
+
+
 def idle_rows(args: argparse.Namespace, notes: Notes) -> list[Row]:
     figures = idle.measure(idle.SESSIONS)
     mw, pf = figures.mailward, figures.postfix
@@ -118,6 +132,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace, Notes], list[Row]]] = {
     "engine": engine_rows,
     "server": server_rows,
     "outbound": outbound_rows,
+    "dane": dane_rows,
     "idle": idle_rows,
 }
 
