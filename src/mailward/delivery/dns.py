@@ -14,6 +14,7 @@ each answer with its DNSSEC status.
   resolver is on loopback (as Postfix requires); otherwise every answer is "insecure" and DANE is
   unavailable. "bogus" stands for an answer that could not be had or validated (SERVFAIL, timeout,
   malformed): indeterminate, never "no record".
+* TXT records (for MTA-STS discovery) follow the same status and caching rules.
 * Answers are cached for their TTL in a bounded cache; failures are not cached.
 
 Nothing here decides policy: `NextHops.facts()` and `HostAddresses.facts()` hand `policy.plan` the
@@ -44,6 +45,7 @@ import dns.rdatatype
 import dns.resolver
 from dns.rdtypes.ANY.MX import MX
 from dns.rdtypes.ANY.TLSA import TLSA
+from dns.rdtypes.ANY.TXT import TXT
 from dns.rdtypes.IN.A import A
 from dns.rdtypes.IN.AAAA import AAAA
 
@@ -314,6 +316,15 @@ class DnsResolver:
             if records:
                 return TlsaFacts("secure", records, base_domain=shown)
         return TlsaFacts("secure", (), base_domain=_text(name))
+
+    async def txt(self, name: str) -> tuple[bytes, ...]:
+        """The TXT records at `name`, each record's strings joined (RFC 7208 §3.3 style, as MTA-STS
+        §3.1 and TLS-RPT expect); () when the name or the records do not exist.
+
+        Raises DnsTemporaryError when the lookup fails: a failure is never "no record".
+        """
+        answer = await self._lookup(_name(name), dns.rdatatype.TXT)
+        return tuple(b"".join(r.strings) for r in answer.records if isinstance(r, TXT))
 
     # --- hosts ---
 
