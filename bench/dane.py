@@ -5,7 +5,8 @@ dane_lab.py: NSD serving zones signed at set-up, Unbound validating them, all on
 host ee-self.dane.test has a DNSSEC-secure DANE-EE 3 1 1 record naming a self-signed certificate;
 one receiving mailward runs on that host's address with that certificate and delivery disabled, so
 whatever it accepts stays in its queue durably: it is the sink, and its queue says when everything
-arrived (the newest message's created_at is the moment of the last arrival).
+arrived (the newest message's created_at is the moment of the last arrival, to within the peer's
+group commit).
 
 For each half the sending mailward's queue is filled first with delivery disabled (smtp-source,
 2 KB, one recipient per message), then a restart with delivery enabled is timed from its release
@@ -54,7 +55,9 @@ SENDER = "sender@example.test"
 RECIPIENT = f"rcpt@{DOMAIN}"
 LOAD_SESSIONS = 20
 TARGET = 0.90  # dane msgs/s over may msgs/s
-MESSAGES, QUICK_MESSAGES = 6000, 600  # both levels, all four halves together
+# Both levels, all four halves together. At about 1,200 msgs/s a half of 1,500 lasts a second and
+# its figure wanders by a fifth on a shared machine; 5,000 per half keep the ratio within a few %.
+MESSAGES, QUICK_MESSAGES = 20_000, 600
 # What each level's delivery lines must say about TLS: proof that the level did what it is named for.
 EXPECTED_TLS = {"dane": re.compile(r"Verified TLSv1\.[23]/\S+ \(dane 3 1 1\)"),
                 "may": re.compile(r"Untrusted TLSv1\.[23]/\S+")}
@@ -232,7 +235,9 @@ class Bench:
             cpu0, peer0 = process_cpu(mw.pid), process_cpu(self.peer.pid)
             # The pid file is written as the deliverer is started: its mtime is the release.
             t0 = (mw.root / "state" / "mailward.pid").stat().st_mtime
-            arrived = _wait(lambda: self.received()[0] >= base + queued, self.timeout, interval=0.01)
+            # The end is the newest created_at, exact however seldom this polls: seldom keeps the
+            # count(*) scans off the CPUs the two mailwards need.
+            arrived = _wait(lambda: self.received()[0] >= base + queued, self.timeout, interval=0.1)
             count, t1 = self.received()
             cpu1, peer1, busy1 = process_cpu(mw.pid), process_cpu(self.peer.pid), system_busy()
             dns1, own1 = self.dns_cpu(), _own_cpu()
@@ -297,7 +302,7 @@ def format_row(row: Row) -> str:
     return (f"{row.label}: dane {d.messages} in {d.seconds:.2f}s = {d.msgs_per_s:,.0f} msgs/s, "
             f"{d.cpu_ms_per_msg:.2f} ms CPU/msg; may {m.messages} in {m.seconds:.2f}s = "
             f"{m.msgs_per_s:,.0f} msgs/s, {m.cpu_ms_per_msg:.2f} ms CPU/msg; ratio dane/may "
-            f"{row.ratio:.2f} (target >= {TARGET:.2f}: {'ok' if row.ratio >= TARGET else 'BELOW'})\n"
+            f"{row.ratio:.3f} (target >= {TARGET:.2f}: {'ok' if row.ratio >= TARGET else 'BELOW'})\n"
             f"  halves: {', '.join(f'{level} {d.msgs_per_s:,.0f}' for level, d in row.halves)} msgs/s\n"
             f"  tls= at dane: {row.tls['dane']}; at may: {row.tls['may']}")
 
