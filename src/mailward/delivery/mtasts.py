@@ -34,6 +34,7 @@ from typing import Final, Literal, Protocol
 
 from mailward.delivery.dns import DnsError, HostAddresses
 from mailward.delivery.policy import StsFacts
+from mailward.queue import StsPolicyRecord
 
 __all__ = [
     "MAX_AGE_LIMIT",
@@ -215,15 +216,8 @@ def _mx_pattern(value: str, number: int) -> str:
 # --- the cache and the fetch ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class CachedPolicy:
-    """A policy as kept in the store: its TXT id, the text as served, and when it was fetched."""
-
-    domain: str
-    id: str
-    text: str
-    fetched_at: float
-    expires_at: float
+# A policy as kept in the store: its TXT id, the text as served, and when it was fetched.
+CachedPolicy = StsPolicyRecord
 
 
 class PolicyStore(Protocol):

@@ -39,6 +39,7 @@ __all__ = [
     "RecipientStatus",
     "ResultStatus",
     "StoredMessage",
+    "StsPolicyRecord",
     "TlsFacts",
     "TlsTrust",
     "TlsVerdict",
@@ -348,6 +349,18 @@ class TlsVerdict:
             )
         except (TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"malformed TLS verdict: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class StsPolicyRecord:
+    """An MTA-STS policy (RFC 8461) as the queue keeps it: the queue is where state that must
+    survive restarts and be shared by nodes lives, and §10.2 asks for a persistent cache."""
+
+    domain: str
+    id: str  # the TXT record id it was fetched under
+    text: str  # the policy as served; parsed again when read, so a damaged row is never trusted
+    fetched_at: float
+    expires_at: float
 
 
 @dataclass(frozen=True, slots=True)

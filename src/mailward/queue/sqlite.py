@@ -57,6 +57,7 @@ from mailward.queue import (
     Recipient,
     RecipientResult,
     StoredMessage,
+    StsPolicyRecord,
     new_queue_id,
 )
 from mailward.queue import sqlite_store as store
@@ -611,6 +612,15 @@ class SqliteQueue:
     async def oldest_age(self, now: float) -> float:
         oldest = await self._read(store.oldest_created_at)
         return 0.0 if oldest is None else max(0.0, now - oldest)
+
+    # --- MTA-STS policy cache ---
+
+    async def load_sts_policy(self, domain: str) -> StsPolicyRecord | None:
+        return await self._read(functools.partial(store.load_sts_policy, domain=domain))
+
+    async def save_sts_policy(self, policy: StsPolicyRecord) -> None:
+        # No fsync of its own: a lost cache write costs one more fetch, not a message.
+        await self._submit(functools.partial(store.save_sts_policy, record=policy), durable=False)
 
     async def next_due(self) -> float | None:
         return await self._read(store.next_due)

@@ -29,17 +29,19 @@ from mailward.queue import (
     RecipientResult,
     RecipientState,
     StoredMessage,
+    StsPolicyRecord,
     TlsVerdict,
 )
 
 log = logging.getLogger("mailward.queue")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Statements that bring a database of schema N up to N + 1, run at open inside the transaction
 # that records the new version, so a crash leaves either schema, never a mix.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: ("ALTER TABLE recipient ADD COLUMN tls TEXT",),
+    2: (),  # the sts_policy table is new and created with the schema
 }
 
 SCHEMA = """
@@ -79,6 +81,15 @@ CREATE TABLE IF NOT EXISTS recipient (
     last_attempt_at REAL,
     tls TEXT,                        -- TlsVerdict.to_json() of the last attempt, or NULL
     PRIMARY KEY (message_id, seq)
+) WITHOUT ROWID;
+
+-- The MTA-STS policy cache (RFC 8461 §10.2: persistent, so a restart is no window for a downgrade).
+CREATE TABLE IF NOT EXISTS sts_policy (
+    domain TEXT PRIMARY KEY,
+    id TEXT NOT NULL,                -- the _mta-sts TXT id the policy was fetched under
+    policy TEXT NOT NULL,            -- as served
+    fetched_at REAL NOT NULL,
+    expires_at REAL NOT NULL
 ) WITHOUT ROWID;
 
 -- Large blobs belong in a rowid table (WITHOUT ROWID suits small rows only).
@@ -444,6 +455,23 @@ def count(conn: sqlite3.Connection) -> int:
 def oldest_created_at(conn: sqlite3.Connection) -> float | None:
     value = conn.execute("SELECT min(created_at) FROM message").fetchone()[0]
     return None if value is None else float(value)
+
+
+def save_sts_policy(conn: sqlite3.Connection, record: StsPolicyRecord) -> None:
+    conn.execute(
+        "INSERT INTO sts_policy (domain, id, policy, fetched_at, expires_at) VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT (domain) DO UPDATE SET id = excluded.id, policy = excluded.policy,"
+        " fetched_at = excluded.fetched_at, expires_at = excluded.expires_at",
+        (record.domain, record.id, record.text, record.fetched_at, record.expires_at),
+    )
+
+
+def load_sts_policy(conn: sqlite3.Connection, domain: str) -> StsPolicyRecord | None:
+    row = conn.execute("SELECT id, policy, fetched_at, expires_at FROM sts_policy WHERE domain = ?",
+                       (domain,)).fetchone()
+    if row is None:
+        return None
+    return StsPolicyRecord(domain, str(row[0]), str(row[1]), float(row[2]), float(row[3]))
 
 
 def next_due(conn: sqlite3.Connection) -> float | None:

@@ -12,6 +12,7 @@ import stat
 import time
 import tracemalloc
 from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,6 +27,7 @@ from mailward.queue import (
     QueueFull,
     Recipient,
     RecipientResult,
+    StsPolicyRecord,
     TlsFacts,
     TlsVerdict,
 )
@@ -180,6 +182,33 @@ def test_a_schema_1_queue_is_upgraded_in_place(tmp_path: Path) -> None:
     sql(db, "UPDATE meta SET value = 'x' WHERE key = 'schema'")
     with pytest.raises(QueueError, match="schema x"):
         run(lambda: _open_and_close(db))
+
+
+def test_a_schema_2_queue_gains_the_sts_policy_cache(tmp_path: Path) -> None:
+    db = tmp_path / "queue.db"
+    run(lambda: _open_and_close(db))
+    # What schema 2 looked like: no MTA-STS policy cache.
+    sql(db, "DROP TABLE sts_policy")
+    sql(db, "UPDATE meta SET value = '2' WHERE key = 'schema'")
+    record = StsPolicyRecord("example.org", "20240101", "version: STSv1\nmode: none\nmax_age: 60\n",
+                             NOW, NOW + 60)
+
+    async def save() -> None:
+        async with await SqliteQueue.open(db) as queue:
+            assert await queue.load_sts_policy("example.org") is None
+            await queue.save_sts_policy(replace(record, id="old"))
+            await queue.save_sts_policy(record)  # the newer fetch replaces the row
+
+    async def load() -> None:
+        async with await SqliteQueue.open(db) as queue:
+            assert await queue.load_sts_policy("example.org") == record
+
+    run(save)
+    run(load)
+    with sqlite3.connect(db) as conn:
+        schema = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
+    conn.close()
+    assert schema == str(SCHEMA_VERSION) == "3"
 
 
 # --- receiving ------------------------------------------------------------------------------------
