@@ -473,6 +473,19 @@ class DnsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MtaStsConfig:
+    enabled: bool = field(metadata=setting(
+        "look up and apply the MTA-STS policies (RFC 8461) of recipient domains at level dane; false "
+        "ignores them", True))
+    ca_file: Path | None = field(metadata=setting(
+        "PEM CA certificates for the policy fetch (https://mta-sts.<domain>) and for MX hosts under an "
+        "enforced policy; default: the system's", None))
+    fetch_timeout: Annotated[float, Range(1, 120)] = field(metadata=setting(
+        "seconds a policy fetch may take; a slow or silent server counts as no policy (the policy "
+        "itself is at most 64 KiB)", 10))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AliasConfig:
     name: Annotated[str, LOCAL_PART] = field(metadata=setting(
         "local part that is an alias, in every local domain, e.g. postmaster"))
@@ -519,6 +532,7 @@ class Config:
     log: LogConfig = field(metadata=setting("log output on stderr", {}))
     delivery: DeliveryConfig = field(metadata=setting("outbound delivery: retries, limits, routes", {}))
     dns: DnsConfig = field(metadata=setting("how delivery resolves MX and address records", {}))
+    mta_sts: MtaStsConfig = field(metadata=setting("MTA-STS policies of recipient domains (RFC 8461)", {}))
     local: LocalConfig = field(metadata=setting("delivery for local_domains: Maildir or LMTP", {}))
 
 

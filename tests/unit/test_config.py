@@ -25,6 +25,7 @@ from mailward.config import (
     ListenerConfig,
     LocalConfig,
     LogConfig,
+    MtaStsConfig,
     PolicyConfig,
     QueueConfig,
     RouteConfig,
@@ -214,6 +215,11 @@ password_file = "relay-password"
 resolvers = ["127.0.0.1", "[::1]:5353"]
 timeout = 2
 
+[mta_sts]
+enabled = false
+ca_file = "tls/sts-ca.pem"
+fetch_timeout = 5
+
 [local]
 maildir = "/srv/mail"
 lmtp = "unix:/run/dovecot/lmtp"
@@ -267,6 +273,7 @@ def test_full_file_loads_every_value(tmp_path: Path, monkeypatch: pytest.MonkeyP
             smarthost=SmarthostConfig(host="smtp.example.org", tls="starttls", port=587, username="relay",
                                       password_file=etc / "relay-password", ca_file=None)),
         dns=DnsConfig(resolvers=("127.0.0.1", "[::1]:5353"), timeout=2.0),
+        mta_sts=MtaStsConfig(enabled=False, ca_file=etc / "tls/sts-ca.pem", fetch_timeout=5.0),
         local=LocalConfig(maildir=Path("/srv/mail"), lmtp="unix:/run/dovecot/lmtp",
                           aliases=(AliasConfig(name="postmaster", targets=("alice", "bob@example.org")),),
                           catch_all="postmaster"),
@@ -716,8 +723,8 @@ def described_keys(text: str) -> list[str]:
 
 def test_every_schema_field_has_a_doc() -> None:
     for cls in (Config, ListenerConfig, TlsConfig, CertificateConfig, AuthConfig, QueueConfig, LogConfig,
-                DeliveryConfig, RouteConfig, PolicyConfig, SmarthostConfig, DnsConfig, LocalConfig,
-                AliasConfig):
+                DeliveryConfig, RouteConfig, PolicyConfig, SmarthostConfig, DnsConfig, MtaStsConfig,
+                LocalConfig, AliasConfig):
         for f in dataclasses.fields(cls):
             assert f.metadata["mailward.setting"].doc, f"{cls.__name__}.{f.name}"
 

@@ -248,7 +248,7 @@ def test_an_older_schema_asks_for_the_server_to_upgrade_it(filled: Filled,
     conn.close()
     assert tool(filled.path, "list") == 2
     assert capsys.readouterr().err == (
-        f"mailward: {filled.path} has queue schema 1, older than this mailward's 2; start the server "
+        f"mailward: {filled.path} has queue schema 1, older than this mailward's 3; start the server "
         "once (mailward serve) to upgrade it.\n")
 
 

@@ -647,8 +647,16 @@ class Deliverer:
     async def _deliver_remote(self, destination: Destination, jobs: list[_Job]) -> None:
         facts_or_refusal = await self._route_facts(destination)
         tlsa = None
+        sts = None
         if self.resolver is not None and not isinstance(facts_or_refusal, Refusal):
             tlsa = await lookup_tlsa(self.resolver, destination, facts_or_refusal)
+            from mailward.delivery.mtasts import sts_facts
+
+            # RFC 8461 §5: before an enforce failure would expire a message, fetch the policy again.
+            final = any(self.clock() - j.work.message.created_at >= self.dc.max_lifetime - self.dc.retry_max
+                        for j in jobs)
+            sts = await sts_facts(self, self.config, self.queue, self.resolver, destination,
+                                  facts_or_refusal, final=final)
         # REQUIRETLS messages get their own plan and their own connections: a connection chosen
         # for opportunistic TLS must never carry them (maddy calls this pool poisoning).
         for requiretls in (False, True):
@@ -658,7 +666,7 @@ class Deliverer:
             if isinstance(facts_or_refusal, Refusal):
                 decision = Plan(destination, refusal=facts_or_refusal)
             else:
-                decision = plan(destination, facts_or_refusal, requiretls=requiretls, tlsa=tlsa)
+                decision = plan(destination, facts_or_refusal, requiretls=requiretls, tlsa=tlsa, sts=sts)
             for why in decision.skipped:
                 log.info("%s: not using %s", destination.key, why)
             if decision.refusal is not None:

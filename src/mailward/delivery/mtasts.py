@@ -27,13 +27,15 @@ import logging
 import re
 import ssl
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal, Protocol
+from typing import Final, Literal, Protocol, runtime_checkable
 
+from mailward.config import Config
 from mailward.delivery.dns import DnsError, HostAddresses
-from mailward.delivery.policy import StsFacts
+from mailward.delivery.policy import Destination, RouteFacts, SecurityLevel, StsFacts, sts_matches
 from mailward.queue import StsPolicyRecord
 
 __all__ = [
@@ -53,6 +55,7 @@ __all__ = [
     "TxtResolver",
     "parse_policy",
     "parse_txt",
+    "sts_facts",
 ]
 
 log = logging.getLogger("mailward.delivery")
@@ -144,8 +147,8 @@ class StsPolicy:
     max_age: int
     text: str = ""  # as served, for TLS-RPT's policy-string and the cache
 
-    def facts(self) -> StsFacts:
-        return StsFacts(self.mode, self.mx)
+    def facts(self, ca_file: Path | None = None) -> StsFacts:
+        return StsFacts(self.mode, self.mx, ca_file)
 
     @property
     def policy_strings(self) -> tuple[str, ...]:
@@ -220,6 +223,7 @@ def _mx_pattern(value: str, number: int) -> str:
 CachedPolicy = StsPolicyRecord
 
 
+@runtime_checkable
 class PolicyStore(Protocol):
     """Where policies persist (`SqliteQueue` implements it)."""
 
@@ -228,6 +232,7 @@ class PolicyStore(Protocol):
     async def save_sts_policy(self, policy: CachedPolicy) -> None: ...
 
 
+@runtime_checkable
 class TxtResolver(Protocol):
     """What `MtaSts` needs from `dns.DnsResolver`; DnsError for failed lookups."""
 
@@ -428,6 +433,41 @@ async def _read_policy(response: object, host: str) -> bytes:
         if len(body) > MAX_POLICY_BYTES:
             raise PolicyError(f"the policy is larger than {MAX_POLICY_BYTES} bytes", RESULT_INVALID)
     return bytes(body)
+
+
+# One MtaSts (memory cache, TLS context) per Deliverer, made on first use.
+_INSTANCES: weakref.WeakKeyDictionary[object, MtaSts] = weakref.WeakKeyDictionary()
+
+
+async def sts_facts(owner: object, config: Config, store: object, resolver: object, destination: Destination,
+                    facts: RouteFacts, *, final: bool = False) -> StsFacts | None:
+    """The MTA-STS facts `policy.plan` needs for one delivery, or None where MTA-STS does not apply.
+
+    MTA-STS is about the recipient domain's own MX hosts (§4), and `plan` consults it only at level
+    `dane`, so routes, the smarthost and explicit levels skip the lookups. `final` (a message about
+    to expire) fetches the policy again before an enforce failure becomes a bounce (§5).
+    """
+    ms = config.mta_sts
+    if (not ms.enabled or destination.kind != "mx" or destination.next_hop is not None
+            or destination.level is not SecurityLevel.DANE or not isinstance(resolver, TxtResolver)):
+        return None
+    sts = _INSTANCES.get(owner)
+    if sts is None:
+        sts = _INSTANCES[owner] = MtaSts(resolver, store if isinstance(store, PolicyStore) else None,
+                                         ca_file=ms.ca_file, timeout=ms.fetch_timeout)
+    found = await sts.lookup(destination.domain)
+    if final and found.policy is not None and found.policy.mode == "enforce":
+        found = await sts.lookup(destination.domain, refetch=True)
+    policy = found.policy
+    if policy is None:
+        return None
+    if policy.mode == "testing":
+        # Delivered anyway (§5); what enforce would have refused is logged for the operator.
+        for host in facts.hosts:
+            if not any(sts_matches(p, host.name) for p in policy.mx):
+                log.info("%s: MTA-STS policy in testing mode does not list MX host %s; delivering anyway",
+                         destination.key, host.name)
+    return policy.facts(ms.ca_file)
 
 
 def _certificate_error(exc: BaseException) -> str | None:

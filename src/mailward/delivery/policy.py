@@ -262,6 +262,7 @@ class StsFacts:
 
     mode: Literal["enforce", "testing", "none"]
     mx: tuple[str, ...] = ()  # patterns; "*.example.net" matches exactly one more label
+    ca_file: Path | None = None  # the Web PKI roots MX certificates are checked against; None: system's
 
 
 def sts_matches(pattern: str, host: str) -> bool:
@@ -441,7 +442,7 @@ def _requirement(
         if not any(sts_matches(p, host.name) for p in sts.mx):
             return None, "not listed in the MTA-STS policy"
         return TlsRequirement(SecurityLevel.VERIFY, starttls=True, required=True, verify="pkix",
-                              verify_name=host.name, implicit=implicit,
+                              verify_name=host.name, ca_file=sts.ca_file, implicit=implicit,
                               reason=f"{origin}: MTA-STS policy in enforce mode"), ""
     return _may(destination, f"{origin}: {dane}, so opportunistic TLS"), ""
 
