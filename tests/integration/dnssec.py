@@ -13,6 +13,8 @@ Zones (a declarative set, built once per session):
 * ``bogus.test`` is signed with signatures that expired in 2020: Unbound answers SERVFAIL.
 * ``dane.test`` (signed, anchored) and ``unsigned.test``: DANE destinations whose TLSA records name
   certificates made at set-up (dane_lab.py), one signature broken on purpose.
+* ``sts.test`` (unsigned): MTA-STS destinations with their ``_mta-sts`` TXT records and
+  ``mta-sts`` hosts (sts_lab.py); ``dane.test`` also gets one, beside a failing TLSA record.
 
 Mail hosts live on distinct loopback addresses with one shared SMTP port (`smtp_port`, the
 `[delivery] port` of a test's mailward): LIVE where a test runs its SMTP peer, DEAD where nothing
@@ -55,6 +57,9 @@ from dane_lab import (
     signed_zone,
     unsigned_zone,
 )
+from sts_lab import ADDRESSES as STS_ADDRESSES
+from sts_lab import ZONE as STS_ZONE
+from sts_lab import dane_zone_records, sts_zone
 
 RESOLVER_IP = "127.0.53.1"
 NSD_IP = "127.0.53.2"
@@ -178,14 +183,15 @@ def start_dnssec(root: Path) -> DnsLab:
     root.mkdir(parents=True, exist_ok=True)
     lab = DnsLab(root, resolver_port=_free_port(RESOLVER_IP, socket.SOCK_DGRAM),
                  nsd_port=_free_port(NSD_IP, socket.SOCK_DGRAM),
-                 smtp_port=_shared_port(LIVE, DEAD, SILENT, *ADDRESSES))
+                 smtp_port=_shared_port(LIVE, DEAD, SILENT, *ADDRESSES, *STS_ADDRESSES))
     lab.dane = make_certificates(root / "dane")
     anchors = [_signed(root, "secure.test", SECURE_ZONE),
                _signed(root, "bogus.test", BOGUS_ZONE, dates=("-i", "20200101", "-e", "20200201")),
-               _signed(root, SIGNED, signed_zone(lab.smtp_port, lab.dane, NSD_IP),
+               _signed(root, SIGNED, signed_zone(lab.smtp_port, lab.dane, NSD_IP) + dane_zone_records(),
                        broken=(f"_{lab.smtp_port}._tcp.{BROKEN_TLSA_HOST}", "TLSA"))]
     (root / "insecure.test.zone").write_text(INSECURE_ZONE)
     (root / f"{UNSIGNED}.zone").write_text(unsigned_zone(lab.smtp_port, NSD_IP))
+    (root / f"{STS_ZONE}.zone").write_text(sts_zone(NSD_IP))
     lab.system_resolver = _port53_address()
     if lab.system_resolver is not None:
         lab.resolv_conf = root / "resolv.conf"
@@ -237,7 +243,8 @@ def _nsd_conf(root: Path, port: int) -> str:
                                  ("bogus.test", "bogus.test.zone.signed"),
                                  ("insecure.test", "insecure.test.zone"),
                                  (SIGNED, f"{SIGNED}.zone.signed"),
-                                 (UNSIGNED, f"{UNSIGNED}.zone")))
+                                 (UNSIGNED, f"{UNSIGNED}.zone"),
+                                 (STS_ZONE, f"{STS_ZONE}.zone")))
     return f"""server:
     ip-address: {NSD_IP}@{port}
     port: {port}
@@ -263,7 +270,7 @@ def _unbound_conf(root: Path, lab: DnsLab, anchors: list[Path]) -> str:
     stub = f"{NSD_IP}@{lab.nsd_port}"
     # "." goes to NSD too, which refuses it: nothing is ever asked of the real root servers.
     stubs = "".join(f'stub-zone:\n    name: "{z}"\n    stub-addr: {stub}\n'
-                    for z in (".", "secure.test", "insecure.test", "bogus.test", SIGNED, UNSIGNED))
+                    for z in (".", "secure.test", "insecure.test", "bogus.test", SIGNED, UNSIGNED, STS_ZONE))
     trust = "".join(f'    trust-anchor-file: "{a}"\n' for a in anchors)
     system = f"    interface: {lab.system_resolver}@53\n" if lab.system_resolver is not None else ""
     return f"""server:
