@@ -1,4 +1,5 @@
-"""Bounded atheris runs of the engine's fuzz targets (fuzz/fuzz_server.py, fuzz/fuzz_client.py).
+"""Bounded atheris runs of the fuzz targets (fuzz/fuzz_server.py, fuzz/fuzz_client.py for the engine,
+fuzz/fuzz_mtasts.py for the MTA-STS parsers).
 
 Each target runs in its own process for MAILWARD_FUZZ_SECONDS (default 30; `make fuzz` uses 600)
 on a temporary copy of its seed corpus, so the run never changes the repository. Any crash,
@@ -73,7 +74,7 @@ def report(output: str) -> str:
 
 @pytest.mark.fuzz
 @pytest.mark.timeout(SECONDS + 2 * GRACE)
-@pytest.mark.parametrize("name", ["server", "client"])
+@pytest.mark.parametrize("name", ["server", "client", "mtasts"])
 def test_fuzz_target_finds_nothing(name: str, tmp_path: Path) -> None:
     code, output = run_target(name, tmp_path)
     runs = executions(output)
