@@ -421,3 +421,25 @@ def test_a_secure_alias_of_an_insecure_target_is_marked(cname: str, expected: bo
     remote = alias_zone(False, False)
     assert not run(resolver(remote, ("192.0.2.53",)).addresses("mx.example")).alias_secure
     assert ("mx.example", "CNAME") not in remote.asked
+
+
+# --- TXT (MTA-STS discovery) -----------------------------------------------------------------------
+
+
+def test_txt_records_join_their_strings_and_are_cached() -> None:
+    fake = FakeDns().add("_mta-sts.example", "TXT", '"v=STSv1; " "id=abc"', '"v=spf1 -all"')
+    r = resolver(fake)
+    assert run(r.txt("_mta-sts.Example.")) == (b"v=STSv1; id=abc", b"v=spf1 -all")
+    assert run(r.txt("_mta-sts.example")) == (b"v=STSv1; id=abc", b"v=spf1 -all")
+    assert fake.asked == [("_mta-sts.example", "TXT")]
+
+
+@pytest.mark.parametrize("rcode", ["NOERROR", "NXDOMAIN"])
+def test_txt_absent_is_empty(rcode: str) -> None:
+    fake = FakeDns().add("_mta-sts.example", "TXT", rcode=rcode)
+    assert run(resolver(fake).txt("_mta-sts.example")) == ()
+
+
+def test_txt_failure_is_never_no_record() -> None:
+    with pytest.raises(DnsTemporaryError, match="SERVFAIL"):
+        run(resolver(FakeDns()).txt("_mta-sts.example"))

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Coroutine
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
+from mailward.config import config_from_dict
 from mailward.delivery.dns import DnsTemporaryError, HostAddresses
 from mailward.delivery.mtasts import (
+    _INSTANCES,
     MAX_POLICY_BYTES,
     RESULT_FETCH_ERROR,
     RESULT_INVALID,
@@ -19,6 +24,16 @@ from mailward.delivery.mtasts import (
     StsRecord,
     parse_policy,
     parse_txt,
+    sts_facts,
+)
+from mailward.delivery.policy import (
+    Destination,
+    HostFacts,
+    RouteFacts,
+    SecurityLevel,
+    StsFacts,
+    destination_for,
+    plan,
 )
 
 T = TypeVar("T")
@@ -269,3 +284,99 @@ def test_invalid_policy_is_reported_not_raised() -> None:
         assert found.policy is None and found.failure == RESULT_INVALID
 
     run(go())
+
+
+# --- what the Deliverer asks: sts_facts -------------------------------------------------------------
+
+
+def cfg(**mta_sts: Any) -> Any:
+    policy = [{"destination": "verified.example", "level": "verify"}]
+    return config_from_dict({"listener": [], "hostname": "out.example.net", "mta_sts": mta_sts,
+                             "delivery": {"policy": policy}}, "test", base_dir=Path("/etc"))
+
+
+FACTS = RouteFacts(hosts=(HostFacts("mx.example.org", ("192.0.2.1",)),
+                          HostFacts("other.example", ("192.0.2.2",))))
+
+
+class Owner:
+    """Stands for the Deliverer that owns an MtaSts."""
+
+
+class CountingDns(FakeDns):
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = 0
+
+    async def txt(self, name: str) -> tuple[bytes, ...]:
+        self.asked += 1
+        return await super().txt(name)
+
+
+@pytest.mark.parametrize(("domain", "config_kw", "expected"), [
+    ("example.org", {}, StsFacts("enforce", ("mx.example.org",), Path("/etc/sts-ca.pem"))),
+    ("example.org", {"enabled": False}, None),  # switched off
+    ("verified.example", {}, None),  # an explicit level: plan would not consult it
+])
+def test_sts_facts_applies_to_mx_delivery_at_level_dane(domain: str, config_kw: dict[str, Any],
+                                                        expected: StsFacts | None) -> None:
+    config = cfg(ca_file="sts-ca.pem", **config_kw)
+    dns = CountingDns()
+    owner = Owner()
+
+    async def go() -> StsFacts | None:
+        m = sts(FakeStore(), dns, Clock(), [POLICY])
+        _INSTANCES[owner] = m
+        dns_domain = destination_for(domain, config)
+        assert dns_domain.kind == "mx"
+        return await sts_facts(owner, config, None, dns, replace(dns_domain, domain="example.org"), FACTS)
+
+    assert run(go()) == expected
+    assert dns.asked == (1 if expected else 0)
+
+
+def test_sts_facts_skips_routes_and_resolvers_without_txt() -> None:
+    config = cfg()
+    route = Destination(key="route:x", kind="route", domain="example.org", level=SecurityLevel.DANE)
+    assert run(sts_facts(Owner(), config, None, CountingDns(), route, FACTS)) is None
+    mx = destination_for("example.org", config)
+    assert run(sts_facts(Owner(), config, None, object(), mx, FACTS)) is None
+
+
+def test_testing_mode_logs_unlisted_hosts(caplog: pytest.LogCaptureFixture) -> None:
+    config, owner = cfg(), Owner()
+
+    async def go() -> StsFacts | None:
+        _INSTANCES[owner] = sts(FakeStore(), FakeDns(), Clock(), [TESTING])
+        return await sts_facts(owner, config, None, FakeDns(), destination_for("example.org", config), FACTS)
+
+    with caplog.at_level(logging.INFO, logger="mailward.delivery"):
+        found = run(go())
+    assert found is not None and found.mode == "testing"
+    assert "does not list MX host other.example; delivering anyway" in caplog.text
+    assert "mx.example.org; delivering" not in caplog.text
+
+
+def test_a_final_attempt_fetches_an_enforced_policy_again() -> None:
+    config, owner = cfg(), Owner()
+    served: list[bytes | PolicyError] = [POLICY, TESTING]
+
+    async def go() -> StsFacts | None:
+        _INSTANCES[owner] = sts(FakeStore(), FakeDns(), Clock(), served)
+        mx = destination_for("example.org", config)
+        await sts_facts(owner, config, None, FakeDns(), mx, FACTS)
+        return await sts_facts(owner, config, None, FakeDns(), mx, FACTS, final=True)
+
+    found = run(go())
+    assert found is not None and found.mode == "testing" and served == []
+
+
+def test_an_enforced_policy_asks_pkix_with_its_ca_for_listed_hosts_only() -> None:
+    config = cfg()
+    decision = plan(destination_for("example.org", config), FACTS,
+                    sts=StsFacts("enforce", ("mx.example.org",), Path("/etc/sts-ca.pem")))
+    (candidate,) = decision.candidates
+    assert candidate.host == "mx.example.org"
+    assert (candidate.tls.verify, candidate.tls.verify_name, candidate.tls.ca_file) == (
+        "pkix", "mx.example.org", Path("/etc/sts-ca.pem"))
+    assert decision.skipped == ("other.example: not listed in the MTA-STS policy",)
