@@ -380,6 +380,9 @@ class MtaSts:
                 if exc.result_type != RESULT_FETCH_ERROR or not exc.reason.startswith("connect:"):
                     raise  # the server answered: another address would not be more trustworthy
                 errors.append(f"{address}: {exc.reason.removeprefix('connect: ')}")
+            except (OSError, ValueError) as exc:
+                # Whatever else a hostile server provokes is a failed fetch, not a failed delivery.
+                errors.append(f"{address}: {exc or type(exc).__name__}")
         raise PolicyError(f"https://{host}{WELL_KNOWN} could not be fetched ({'; '.join(errors)})",
                           RESULT_FETCH_ERROR)
 
