@@ -249,6 +249,8 @@ def test_policy_failures_are_logged_and_fetched_once(world: World) -> None:
     hosts = world.policies.requests
     assert hosts.count("mta-sts.enforce-bad.sts.test") == 1, hosts
     assert hosts.count("mta-sts.redirect.sts.test") == 1, hosts
+    # Beside failing DANE the policy was fetched, and still relaxed nothing.
+    assert hosts.count("mta-sts.nomatch-only.dane.test") == 1, hosts
 
 
 def test_new_policies_are_cached_in_the_queue(world: World) -> None:
