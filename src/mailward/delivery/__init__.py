@@ -51,6 +51,7 @@ from mailward.delivery.attempt import (
 )
 from mailward.delivery.dns import DnsPermanentError, DnsResolver, DnsTemporaryError, HostAddresses, NextHops
 from mailward.delivery.local import LocalDelivery, LocalResult
+from mailward.delivery.mtasts import for_delivery, sts_facts
 from mailward.delivery.policy import (
     Candidate,
     Destination,
@@ -472,6 +473,7 @@ class Deliverer:
             credentials=credentials,
         )
         self.dead = DeadHosts(self.dc.dead_host_seconds)
+        self.mta_sts = for_delivery(config, resolver, queue)
         self._connections = asyncio.Semaphore(self.dc.concurrency)
         self._local_slots = asyncio.Semaphore(self.dc.per_destination)
         self._gates: dict[str, _Gate] = {}
@@ -650,13 +652,10 @@ class Deliverer:
         sts = None
         if self.resolver is not None and not isinstance(facts_or_refusal, Refusal):
             tlsa = await lookup_tlsa(self.resolver, destination, facts_or_refusal)
-            from mailward.delivery.mtasts import sts_facts
-
             # RFC 8461 §5: before an enforce failure would expire a message, fetch the policy again.
             final = any(self.clock() - j.work.message.created_at >= self.dc.max_lifetime - self.dc.retry_max
                         for j in jobs)
-            sts = await sts_facts(self, self.config, self.queue, self.resolver, destination,
-                                  facts_or_refusal, final=final)
+            sts = await sts_facts(self.mta_sts, self.config, destination, facts_or_refusal, final=final)
         # REQUIRETLS messages get their own plan and their own connections: a connection chosen
         # for opportunistic TLS must never carry them (maddy calls this pool poisoning).
         for requiretls in (False, True):

@@ -27,7 +27,6 @@ import logging
 import re
 import ssl
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +52,7 @@ __all__ = [
     "StsRecord",
     "StsResultType",
     "TxtResolver",
+    "for_delivery",
     "parse_policy",
     "parse_txt",
     "sts_facts",
@@ -438,26 +438,27 @@ async def _read_policy(response: object, host: str) -> bytes:
     return bytes(body)
 
 
-# One MtaSts (memory cache, TLS context) per Deliverer, made on first use.
-_INSTANCES: weakref.WeakKeyDictionary[object, MtaSts] = weakref.WeakKeyDictionary()
+def for_delivery(config: Config, resolver: object, store: object) -> MtaSts | None:
+    """The Deliverer's MtaSts (memory cache, TLS context), or None when MTA-STS is off or the
+    resolver cannot look up TXT records."""
+    ms = config.mta_sts
+    if not ms.enabled or not isinstance(resolver, TxtResolver):
+        return None
+    return MtaSts(resolver, store if isinstance(store, PolicyStore) else None,
+                  ca_file=ms.ca_file, timeout=ms.fetch_timeout)
 
 
-async def sts_facts(owner: object, config: Config, store: object, resolver: object, destination: Destination,
-                    facts: RouteFacts, *, final: bool = False) -> StsFacts | None:
+async def sts_facts(sts: MtaSts | None, config: Config, destination: Destination, facts: RouteFacts, *,
+                    final: bool = False) -> StsFacts | None:
     """The MTA-STS facts `policy.plan` needs for one delivery, or None where MTA-STS does not apply.
 
     MTA-STS is about the recipient domain's own MX hosts (§4), and `plan` consults it only at level
     `dane`, so routes, the smarthost and explicit levels skip the lookups. `final` (a message about
     to expire) fetches the policy again before an enforce failure becomes a bounce (§5).
     """
-    ms = config.mta_sts
-    if (not ms.enabled or destination.kind != "mx" or destination.next_hop is not None
-            or destination.level is not SecurityLevel.DANE or not isinstance(resolver, TxtResolver)):
+    if (sts is None or destination.kind != "mx" or destination.next_hop is not None
+            or destination.level is not SecurityLevel.DANE):
         return None
-    sts = _INSTANCES.get(owner)
-    if sts is None:
-        sts = _INSTANCES[owner] = MtaSts(resolver, store if isinstance(store, PolicyStore) else None,
-                                         ca_file=ms.ca_file, timeout=ms.fetch_timeout)
     found = await sts.lookup(destination.domain)
     if final and found.policy is not None and found.policy.mode == "enforce":
         found = await sts.lookup(destination.domain, refetch=True)
@@ -470,7 +471,7 @@ async def sts_facts(owner: object, config: Config, store: object, resolver: obje
             if not any(sts_matches(p, host.name) for p in policy.mx):
                 log.info("%s: MTA-STS policy in testing mode does not list MX host %s; delivering anyway",
                          destination.key, host.name)
-    return policy.facts(ms.ca_file)
+    return policy.facts(config.mta_sts.ca_file)
 
 
 def _certificate_error(exc: BaseException) -> str | None:

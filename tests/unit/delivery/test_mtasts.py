@@ -14,7 +14,6 @@ import pytest
 from mailward.config import config_from_dict
 from mailward.delivery.dns import DnsTemporaryError, HostAddresses
 from mailward.delivery.mtasts import (
-    _INSTANCES,
     MAX_POLICY_BYTES,
     RESULT_FETCH_ERROR,
     RESULT_INVALID,
@@ -22,6 +21,7 @@ from mailward.delivery.mtasts import (
     MtaSts,
     PolicyError,
     StsRecord,
+    for_delivery,
     parse_policy,
     parse_txt,
     sts_facts,
@@ -299,10 +299,6 @@ FACTS = RouteFacts(hosts=(HostFacts("mx.example.org", ("192.0.2.1",)),
                           HostFacts("other.example", ("192.0.2.2",))))
 
 
-class Owner:
-    """Stands for the Deliverer that owns an MtaSts."""
-
-
 class CountingDns(FakeDns):
     def __init__(self) -> None:
         super().__init__()
@@ -322,14 +318,12 @@ def test_sts_facts_applies_to_mx_delivery_at_level_dane(domain: str, config_kw: 
                                                         expected: StsFacts | None) -> None:
     config = cfg(ca_file="sts-ca.pem", **config_kw)
     dns = CountingDns()
-    owner = Owner()
 
     async def go() -> StsFacts | None:
-        m = sts(FakeStore(), dns, Clock(), [POLICY])
-        _INSTANCES[owner] = m
+        m = sts(FakeStore(), dns, Clock(), [POLICY]) if config.mta_sts.enabled else None
         dns_domain = destination_for(domain, config)
         assert dns_domain.kind == "mx"
-        return await sts_facts(owner, config, None, dns, replace(dns_domain, domain="example.org"), FACTS)
+        return await sts_facts(m, config, replace(dns_domain, domain="example.org"), FACTS)
 
     assert run(go()) == expected
     assert dns.asked == (1 if expected else 0)
@@ -338,17 +332,20 @@ def test_sts_facts_applies_to_mx_delivery_at_level_dane(domain: str, config_kw: 
 def test_sts_facts_skips_routes_and_resolvers_without_txt() -> None:
     config = cfg()
     route = Destination(key="route:x", kind="route", domain="example.org", level=SecurityLevel.DANE)
-    assert run(sts_facts(Owner(), config, None, CountingDns(), route, FACTS)) is None
+    dns = CountingDns()
+    assert run(sts_facts(for_delivery(config, dns, None), config, route, FACTS)) is None
+    assert dns.asked == 0
     mx = destination_for("example.org", config)
-    assert run(sts_facts(Owner(), config, None, object(), mx, FACTS)) is None
+    assert for_delivery(config, object(), None) is None
+    assert run(sts_facts(None, config, mx, FACTS)) is None
 
 
 def test_testing_mode_logs_unlisted_hosts(caplog: pytest.LogCaptureFixture) -> None:
-    config, owner = cfg(), Owner()
+    config = cfg()
 
     async def go() -> StsFacts | None:
-        _INSTANCES[owner] = sts(FakeStore(), FakeDns(), Clock(), [TESTING])
-        return await sts_facts(owner, config, None, FakeDns(), destination_for("example.org", config), FACTS)
+        m = sts(FakeStore(), FakeDns(), Clock(), [TESTING])
+        return await sts_facts(m, config, destination_for("example.org", config), FACTS)
 
     with caplog.at_level(logging.INFO, logger="mailward.delivery"):
         found = run(go())
@@ -358,14 +355,14 @@ def test_testing_mode_logs_unlisted_hosts(caplog: pytest.LogCaptureFixture) -> N
 
 
 def test_a_final_attempt_fetches_an_enforced_policy_again() -> None:
-    config, owner = cfg(), Owner()
+    config = cfg()
     served: list[bytes | PolicyError] = [POLICY, TESTING]
 
     async def go() -> StsFacts | None:
-        _INSTANCES[owner] = sts(FakeStore(), FakeDns(), Clock(), served)
+        m = sts(FakeStore(), FakeDns(), Clock(), served)
         mx = destination_for("example.org", config)
-        await sts_facts(owner, config, None, FakeDns(), mx, FACTS)
-        return await sts_facts(owner, config, None, FakeDns(), mx, FACTS, final=True)
+        await sts_facts(m, config, mx, FACTS)
+        return await sts_facts(m, config, mx, FACTS, final=True)
 
     found = run(go())
     assert found is not None and found.mode == "testing" and served == []
