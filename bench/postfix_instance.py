@@ -23,6 +23,7 @@ submission listeners. Without a `sasl_user` the submission listeners take mail w
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import socket
@@ -60,9 +61,9 @@ def sasl_available() -> bool:
     return SASLPASSWD is not None and bool(plugins)
 
 
-def _smtpd(port: int, *options: str, maxproc: int) -> str:
+def _smtpd(address: str, port: int, *options: str, maxproc: int) -> str:
     # chroot off: the instance has no chroot jail, and "n" keeps the comparison free of jail setup.
-    lines = [f"{LOOPBACK}:{port} inet n - n - {maxproc} smtpd"]
+    lines = [f"{address}:{port} inet n - n - {maxproc} smtpd"]
     lines += [f"  -o {o}" for o in options]
     return "\n".join(lines)
 
@@ -105,6 +106,9 @@ class PostfixInstance:
     # has no delivery to lag, so the accept paths are compared without that brake.
     in_flow_delay: str = "0s"
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="mailward-bench-postfix-")))
+    # Tests run it as a real peer that lacks a feature (REQUIRETLS), on a lab address of their own.
+    address: str = LOOPBACK
+    relay_domains: tuple[str, ...] = (RELAY_DOMAIN,)
     ports: dict[str, int] = field(default_factory=lambda: {
         "submissions": free_port(), "submission": free_port(), "mx": free_port(), "plain": free_port()})
     running: bool = False
@@ -165,10 +169,10 @@ myhostname = postfix.bench.test
 mydomain = bench.test
 myorigin = $myhostname
 mydestination =
-inet_interfaces = {LOOPBACK}
+inet_interfaces = {"loopback-only" if self.address != LOOPBACK else LOOPBACK}
 inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
-relay_domains = {RELAY_DOMAIN}
+relay_domains = {", ".join(self.relay_domains)}
 smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
 {self._delivery_cf()}local_transport = discard
 alias_maps =
@@ -198,11 +202,12 @@ maillog_file_prefixes = {self.root}
         # Filling the queue for an outbound run: everything accepted waits on hold until released.
         hold = ("smtpd_client_restrictions=check_client_access,static:HOLD",) if self.relay_port else ()
         return "\n".join([
-            _smtpd(self.ports["submissions"], "smtpd_tls_wrappermode=yes",
+            _smtpd(self.address, self.ports["submissions"], "smtpd_tls_wrappermode=yes",
                    "smtpd_tls_security_level=encrypt", *auth, maxproc=limit),
-            _smtpd(self.ports["submission"], "smtpd_tls_security_level=encrypt", *auth, maxproc=limit),
-            _smtpd(self.ports["mx"], "smtpd_tls_security_level=may", maxproc=limit),
-            _smtpd(self.ports["plain"], "smtpd_tls_security_level=none", *hold, maxproc=limit),
+            _smtpd(self.address, self.ports["submission"], "smtpd_tls_security_level=encrypt", *auth,
+                   maxproc=limit),
+            _smtpd(self.address, self.ports["mx"], "smtpd_tls_security_level=may", maxproc=limit),
+            _smtpd(self.address, self.ports["plain"], "smtpd_tls_security_level=none", *hold, maxproc=limit),
         ]) + "\n" + _MASTER_SERVICES
 
     def _write_sasl(self) -> None:
@@ -257,7 +262,8 @@ maillog_file_prefixes = {self.root}
         text = (self.config_dir / "master.cf").read_text()
         for line in text.splitlines():
             fields = line.split()
-            if len(fields) > 1 and fields[1] == "inet" and not fields[0].startswith(LOOPBACK + ":"):
+            if len(fields) > 1 and fields[1] == "inet" and not ipaddress.ip_address(
+                    fields[0].rpartition(":")[0]).is_loopback:
                 raise PostfixError(f"refusing a non-loopback listener: {line}")
 
     def _wait_listening(self, timeout: float = 20.0) -> None:
@@ -267,7 +273,7 @@ maillog_file_prefixes = {self.root}
             for port in list(pending):
                 with socket.socket() as s:
                     s.settimeout(0.5)
-                    if s.connect_ex((LOOPBACK, port)) == 0:
+                    if s.connect_ex((self.address, port)) == 0:
                         pending.discard(port)
             if pending:
                 time.sleep(0.05)

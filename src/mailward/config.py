@@ -234,6 +234,18 @@ def _relay_key(hop: NextHop) -> str:
     return f"[{hop.host}]" if hop.port is None else f"[{hop.host}]:{hop.port}"
 
 
+def _requiretls_default(route: Mapping[str, Any]) -> str:
+    # A hop on this machine (a content filter, a local relay) never crosses a network, so the
+    # message's REQUIRETLS cannot be protected further there; Postfix defaults such hops the same way.
+    try:
+        hop = parse_next_hop(str(route.get("next_hop", "")))
+    except ValueError:
+        return "enforce"  # the next_hop's own check reports the mistake
+    if hop.literal and ipaddress.ip_address(hop.host).is_loopback:
+        return "opportunistic"
+    return "opportunistic" if hop.host == "localhost" else "enforce"
+
+
 def _local_part(value: str) -> str:
     if not value or "@" in value or any(c.isspace() or ord(c) < 0x20 or c == "\x7f" for c in value):
         raise ValueError(value)
@@ -268,6 +280,13 @@ _LEVELS_DOC = ("none (never TLS), may (STARTTLS when offered), encrypt (TLS requ
                "authenticated), dane (DANE when the host has DNSSEC-secure TLSA records, otherwise may), "
                "dane-only (DANE or no delivery), verify (TLS with a certificate valid for the host name) or "
                "secure (verify, and the MX records must be DNSSEC-secure)")
+# How a REQUIRETLS message (RFC 8689) may pass one next hop; like Postfix 3.11's smtp_requiretls_policy.
+RequireTlsName = Literal["enforce", "encrypt", "opportunistic"]
+_REQUIRETLS_DOC = ("how a message sent with REQUIRETLS (RFC 8689) may pass this next hop: enforce (only over "
+                   "TLS authenticated by DANE, by MTA-STS or by verify/secure with MX records obtained "
+                   "securely, and only to a server that offers REQUIRETLS; otherwise a 5.7.30 bounce), "
+                   "encrypt (TLS required, any certificate; REQUIRETLS passed on where offered) or "
+                   "opportunistic (like any other message: for internal hops such as content filters)")
 SmarthostTls = Literal["implicit", "starttls"]
 Mechanism = Literal["PLAIN", "LOGIN"]
 
@@ -381,6 +400,9 @@ class RouteConfig:
     ca_file: Path | None = field(metadata=setting(
         "PEM CA certificates to verify the next hop against with security = verify or secure; default: "
         "the system's", None))
+    requiretls: RequireTlsName = field(metadata=setting(
+        _REQUIRETLS_DOC, Derived("opportunistic when next_hop is a loopback address such as "
+                                 "[127.0.0.1]:10025, else enforce", lambda s: _requiretls_default(s.here))))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -391,6 +413,7 @@ class PolicyConfig:
     level: SecurityLevelName = field(metadata=setting(f"TLS security level: {_LEVELS_DOC}"))
     ca_file: Path | None = field(metadata=setting(
         "PEM CA certificates for level verify or secure; default: the system's", None))
+    requiretls: RequireTlsName = field(metadata=setting(_REQUIRETLS_DOC, "enforce"))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

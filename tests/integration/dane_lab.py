@@ -150,6 +150,9 @@ ta-mismatch       MX    10 ta-wrongname
 nomatch-only      MX    10 nomatch
 fallback          MX    10 nomatch
 fallback          MX    20 ee-self
+; REQUIRETLS: the better MX (Postfix in test_requiretls.py) offers no REQUIRETLS, the next does
+rtls-fallback     MX    10 ta201
+rtls-fallback     MX    20 ee-self
 bogus             MX    10 bogus-tlsa
 pkix-only         MX    10 pkix
 pkix-nostarttls   MX    10 pkix-plain

@@ -199,11 +199,13 @@ domain = ".partner.example"
 next_hop = "[192.0.2.25]:2526"
 security = "verify"
 ca_file = "tls/partner-ca.pem"
+requiretls = "encrypt"
 
 [[delivery.policy]]
 destination = "[SMTP.example.org]:587"
 level = "secure"
 ca_file = "tls/relay-ca.pem"
+requiretls = "opportunistic"
 
 [delivery.smarthost]
 host = "smtp.example.org"
@@ -267,9 +269,9 @@ def test_full_file_loads_every_value(tmp_path: Path, monkeypatch: pytest.MonkeyP
             max_lifetime=86400.0, delay_warning=0.0, dead_host_seconds=120.0, lease_seconds=300.0,
             helo_name="out.example.net", port=2525, security="dane-only", may_retry_plaintext=True,
             routes=(RouteConfig(domain=".partner.example", next_hop="[192.0.2.25]:2526", security="verify",
-                                ca_file=etc / "tls/partner-ca.pem"),),
+                                ca_file=etc / "tls/partner-ca.pem", requiretls="encrypt"),),
             policies=(PolicyConfig(destination="[smtp.example.org]:587", level="secure",
-                                   ca_file=etc / "tls/relay-ca.pem"),),
+                                   ca_file=etc / "tls/relay-ca.pem", requiretls="opportunistic"),),
             smarthost=SmarthostConfig(host="smtp.example.org", tls="starttls", port=587, username="relay",
                                       password_file=etc / "relay-password", ca_file=None)),
         dns=DnsConfig(resolvers=("127.0.0.1", "[::1]:5353"), timeout=2.0),
@@ -412,6 +414,8 @@ ERRORS: list[tuple[dict[str, Any], str]] = [
      "delivery.may_retry_plaintext must be true or false, got 'yes'."),
     ({**L, "delivery": {"policy": {"destination": "a.example", "level": "verify"}}},
      "delivery.policy must be an array of tables; write [[delivery.policy]] instead of [delivery.policy]."),
+    ({**L, "delivery": {"policy": [{"destination": "a.example", "level": "may", "requiretls": "never"}]}},
+     "delivery.policy[0].requiretls must be one of 'enforce', 'encrypt', 'opportunistic', got 'never'."),
     ({**L, "delivery": {"policy": [{"destination": "a.example", "level": "Verify"}]}},
      "delivery.policy[0].level must be one of 'none', 'may', 'encrypt', 'dane', 'dane-only', 'verify', "
      "'secure', got 'Verify'; did you mean 'verify'?"),

@@ -253,6 +253,22 @@ def _with_class(enhanced: str, klass: str) -> str:
     return f"{klass}.0.0"
 
 
+_TLS_REQUIRED_RE = re.compile(rb"^tls-required[ \t]*:(.*)$", re.IGNORECASE | re.MULTILINE)
+
+
+def tls_required_no(content: bytes) -> bool:
+    """Whether the header section carries exactly one "TLS-Required: No" field (RFC 8689 §5).
+
+    Anything else (another value, or the field twice) is not the sender's clear request and
+    changes nothing: the safe reading of an ambiguous header is the policy as published.
+    """
+    end = content.find(b"\r\n\r\n")
+    headers = content if end < 0 else content[: end + 2]
+    unfolded = re.sub(rb"\r?\n[ \t]+", b" ", headers)
+    values = [m.group(1).strip(b" \t\r").lower() for m in _TLS_REQUIRED_RE.finditer(unfolded)]
+    return values == [b"no"]
+
+
 _MESSAGE_ID_RE = re.compile(rb"^message-id:[ \t]*(<[^<>\s]+>)", re.IGNORECASE | re.MULTILINE)
 
 
@@ -373,6 +389,7 @@ class _Work:
     outcomes: dict[str, _Outcome] = field(default_factory=dict)
     body: bytes | None = None
     eightbit: bool | None = None
+    tls_optional: bool = False  # the sender wrote "TLS-Required: No" (RFC 8689 §5); set by _load
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     lost: bool = False  # the lease went to someone else: report nothing
     corrupt: bool = False  # the queue held it; report nothing
@@ -392,11 +409,13 @@ class _Parked:
 
 
 class _NoHost(Exception):
-    def __init__(self, reply: str, tls: TlsOutcome, policy: str | None = None) -> None:
+    def __init__(self, reply: str, tls: TlsOutcome, policy: str | None = None, *,
+                 permanent: bool = False) -> None:
         super().__init__(reply)
         self.reply = reply
         self.tls = tls
         self.policy = policy
+        self.permanent = permanent  # every host answered, and none can ever take this message
 
 
 class _Gate:
@@ -657,15 +676,25 @@ class Deliverer:
                         for j in jobs)
             sts = await sts_facts(self.mta_sts, self.config, destination, facts_or_refusal, final=final)
         # REQUIRETLS messages get their own plan and their own connections: a connection chosen
-        # for opportunistic TLS must never carry them (maddy calls this pool poisoning).
-        for requiretls in (False, True):
-            subset = [j for j in jobs if j.work.message.envelope.requiretls is requiretls]
+        # for opportunistic TLS must never carry them (maddy calls this pool poisoning). So do
+        # messages marked "TLS-Required: No", whose plan leaves the destination's policy aside.
+        for job in jobs:
+            if not job.work.message.envelope.requiretls:
+                await self._load(job.work)
+        for requiretls, tls_optional in ((False, False), (False, True), (True, False)):
+            subset = [j for j in jobs if j.work.message.envelope.requiretls is requiretls
+                      and (j.work.tls_optional and not requiretls) is tls_optional]
             if not subset:
                 continue
+            if tls_optional:
+                log.info("%s: TLS-Required: No in %s: the destination's DANE and MTA-STS policies are not "
+                         "enforced for it (RFC 8689 §5)", destination.key,
+                         ", ".join(j.work.message.id for j in subset))
             if isinstance(facts_or_refusal, Refusal):
                 decision = Plan(destination, refusal=facts_or_refusal)
             else:
-                decision = plan(destination, facts_or_refusal, requiretls=requiretls, tlsa=tlsa, sts=sts)
+                decision = plan(destination, facts_or_refusal, requiretls=requiretls,
+                                tls_optional=tls_optional, tlsa=tlsa, sts=sts)
             for why in decision.skipped:
                 log.info("%s: not using %s", destination.key, why)
             if decision.refusal is not None:
@@ -720,9 +749,11 @@ class Deliverer:
                             session = await self._connect(decision, settings)
                         except _NoHost as exc:
                             gate.failure()
+                            outcome = (RecipientOutcome("failed", exc.reply, exc.reply.split(" ", 1)[0])
+                                       if exc.permanent else _deferral(exc.reply))
                             while pending:
                                 job = pending.popleft()
-                                self._set_missing(job, _deferral(exc.reply), "none", exc.tls, exc.policy)
+                                self._set_missing(job, outcome, "none", exc.tls, exc.policy)
                             return
                         gate.success()
                         parked = False
@@ -795,6 +826,7 @@ class Deliverer:
         last: AttemptError | None = None
         last_policy: str | None = None
         skipped: list[Candidate] = []
+        refused_requiretls = 0  # hosts reached whose only fault is not offering REQUIRETLS
         for candidate in decision.candidates:
             if self.dead.is_dead(candidate.address, candidate.port, self.clock()):
                 skipped.append(candidate)
@@ -818,9 +850,14 @@ class Deliverer:
                     error = exc
                     if exc.dead:
                         self.dead.mark(candidate.address, candidate.port, self.clock())
+            refused_requiretls += error.requiretls_refused
             last, last_policy = error, candidate.tls.level.value
         if last is not None:
-            raise _NoHost(last.reply, last.tls, last_policy)
+            # RFC 8689 §4.2.1: when no MX offers REQUIRETLS the message is returned, not kept;
+            # any other fault on the way (a host down, a failed handshake) leaves room to retry.
+            tried = len(decision.candidates) - len(skipped)
+            raise _NoHost(last.reply, last.tls, last_policy,
+                          permanent=not skipped and refused_requiretls == tried)
         names = ", ".join(c.relay for c in skipped)
         raise _NoHost(f"4.4.1 all mail hosts were unreachable recently, not retried yet: {names}",
                       TlsOutcome())
@@ -845,31 +882,44 @@ class Deliverer:
             if not session.usable:
                 return
 
+    async def _load(self, work: _Work) -> None:
+        """Read what delivery needs from the content once per attempt: a small body whole, whether
+        it is 8-bit, and whether the header says "TLS-Required: No"."""
+        message = work.message
+        async with work.lock:
+            if work.eightbit is not None:
+                return
+            # BODY=8BITMIME follows the content, not the client's claim: a client may send
+            # 8-bit data without it, and 7-bit content declared 8BITMIME can still go to a
+            # server without 8BITMIME.
+            if message.size <= INLINE_BODY:
+                work.body = b"".join([chunk async for chunk in await self.queue.open_body(message.id)])
+                work.eightbit = not work.body.isascii()
+                work.tls_optional = tls_required_no(work.body)
+                return
+            eightbit, head, need_head = False, b"", True
+            async for chunk in await self.queue.open_body(message.id):
+                if need_head:
+                    head += chunk
+                    need_head = b"\r\n\r\n" not in head and len(head) < INLINE_BODY
+                eightbit = eightbit or not chunk.isascii()
+                if eightbit and not need_head:
+                    break
+            work.eightbit, work.tls_optional = eightbit, tls_required_no(head)
+
     async def _outbound(self, job: _Job) -> OutboundMessage:
         work = job.work
         message = work.message
-        async with work.lock:
-            if work.eightbit is None:
-                # BODY=8BITMIME follows the content, not the client's claim: a client may send
-                # 8-bit data without it, and 7-bit content declared 8BITMIME can still go to a
-                # server without 8BITMIME.
-                if message.size <= INLINE_BODY:
-                    work.body = b"".join([chunk async for chunk in await self.queue.open_body(message.id)])
-                    work.eightbit = not work.body.isascii()
-                else:
-                    work.eightbit = False
-                    async for chunk in await self.queue.open_body(message.id):
-                        if not chunk.isascii():
-                            work.eightbit = True
-                            break
+        await self._load(work)
+        eightbit = bool(work.eightbit)
         if work.body is not None:
-            return OutboundMessage(message, job.recipients, work.body, work.eightbit)
+            return OutboundMessage(message, job.recipients, work.body, eightbit)
 
         async def stream() -> AsyncIterator[bytes]:
             async for chunk in await self.queue.open_body(message.id):
                 yield chunk
 
-        return OutboundMessage(message, job.recipients, stream, work.eightbit)
+        return OutboundMessage(message, job.recipients, stream, eightbit)
 
     # --- local ---
 

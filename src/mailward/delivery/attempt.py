@@ -134,13 +134,14 @@ class AttemptError(Exception):
     """
 
     def __init__(self, status: str, reason: str, *, dead: bool = False, retry_plaintext: bool = False,
-                 tls: TlsOutcome = PLAINTEXT) -> None:
+                 tls: TlsOutcome = PLAINTEXT, requiretls_refused: bool = False) -> None:
         super().__init__(f"{status} {reason}")
         self.status = status
         self.reason = reason
         self.dead = dead
         self.retry_plaintext = retry_plaintext
         self.tls = tls
+        self.requiretls_refused = requiretls_refused  # the host does not offer REQUIRETLS (RFC 8689)
 
     @property
     def reply(self) -> str:
@@ -243,6 +244,8 @@ class Session:
                 await session._starttls(tls)
             elif plaintext:
                 session.tls = TlsOutcome(failure="TLS handshake failed before; retried without TLS")
+            if tls.requiretls:
+                await session._check_requiretls()
             if settings.credentials is not None:
                 await session._authenticate(settings.credentials)
         except BaseException:
@@ -265,6 +268,16 @@ class Session:
             raise AttemptError(enhanced_of(ev.reply), f"host {self.candidate.relay} refused to talk: "
                                                       f"{_one_line(str(ev.reply))}", tls=self.tls)
         raise self._broken(ev, "greeting")
+
+    async def _check_requiretls(self) -> None:
+        # RFC 8689 §4.2.1: a REQUIRETLS message goes only to a server that offers REQUIRETLS once
+        # TLS is up; one that does not is passed over for the next MX before any envelope is sent.
+        caps = self.client.capabilities
+        if caps is not None and caps.requiretls and self.client.tls_active:
+            return
+        await self._quit()
+        raise AttemptError("5.7.30", f"REQUIRETLS support required: {self.candidate.relay} does not offer "
+                                     "REQUIRETLS", tls=self.tls, requiretls_refused=True)
 
     async def _ehlo(self) -> None:
         self.client.ehlo()
@@ -431,8 +444,12 @@ class Session:
         assert caps is not None
         binary = env.body_type == "BINARYMIME"
         body_type = "BINARYMIME" if binary else "8BITMIME" if out.eightbit else None
+        # Where REQUIRETLS is not enforced on this hop (an operator's relaxed requiretls mode), it
+        # is still passed on to a server that offers it, so the next hop keeps enforcing it.
+        offered = caps.requiretls and self.client.tls_active
+        requiretls = env.requiretls and (self.candidate.tls.requiretls or offered)
         params = MailParams(body=body_type, smtputf8=env.smtputf8, ret=env.dsn_ret, envid=env.dsn_envid,
-                            requiretls=env.requiretls)
+                            requiretls=requiretls)
         use_bdat = caps.chunking and caps.pipelining
         wire = [(mb, RcptParams(notify=r.dsn_notify or None, orcpt=r.dsn_orcpt)) for r, mb in rcpts]
         self.messages += 1

@@ -36,6 +36,7 @@ from mailward.config import (
     Config,
     DeliveryConfig,
     NextHop,
+    RequireTlsName,
     match_domain,
     parse_next_hop,
     relay_matches,
@@ -103,6 +104,7 @@ class Destination:
     # to one next hop at one level still share connections, and say the first route's name.
     level_source: str = field(default="delivery.security, the default", compare=False)
     may_retry_plaintext: bool = False  # delivery.may_retry_plaintext: `may` retries in clear
+    requiretls: RequireTlsName = "enforce"  # how REQUIRETLS messages may pass this hop (RFC 8689)
 
     @property
     def uses_mx(self) -> bool:
@@ -141,19 +143,22 @@ def destination_for(domain: str, config: Config) -> Destination:
             return Destination(
                 key=f"route:{hop}", kind="route", domain=hop.host, next_hop=None, port=dc.port,
                 level=level, ca_file=route.ca_file, level_source=source, may_retry_plaintext=retry,
+                requiretls=route.requiretls,
             )
         return Destination(
             key=f"route:{hop}", kind="route", domain=hop.host, next_hop=hop, port=hop.port or dc.port,
             level=level, ca_file=route.ca_file, level_source=source, may_retry_plaintext=retry,
+            requiretls=route.requiretls,
         )
     sh = dc.smarthost
     if sh is not None:
         hop = replace(parse_next_hop(sh.host), port=sh.port, mx=False)
-        level, ca_file, source = _relay_level(dc, hop.host, sh.port)
+        level, ca_file, source, requiretls = _relay_level(dc, hop.host, sh.port)
         return Destination(
             key=f"smarthost:{hop}", kind="smarthost", domain=hop.host, next_hop=hop, port=sh.port,
             level=level, implicit_tls=sh.tls == "implicit", ca_file=ca_file or sh.ca_file,
             authenticate=sh.username is not None, level_source=source, may_retry_plaintext=retry,
+            requiretls=requiretls,
         )
     if domain.startswith("["):
         # RFC 5321 §4.1.3 address literal: that address, no DNS; only the global level names it.
@@ -164,28 +169,33 @@ def destination_for(domain: str, config: Config) -> Destination:
                            level=SecurityLevel(dc.security),
                            level_source="delivery.security, the default for address literals",
                            may_retry_plaintext=retry)
-    level, ca_file, source = _domain_level(dc, domain)
+    level, ca_file, source, requiretls = _domain_level(dc, domain)
     return Destination(key=f"mx:{domain}", kind="mx", domain=domain, port=dc.port, level=level,
-                       ca_file=ca_file, level_source=source, may_retry_plaintext=retry)
+                       ca_file=ca_file, level_source=source, may_retry_plaintext=retry, requiretls=requiretls)
 
 
-def _domain_level(dc: DeliveryConfig, domain: str) -> tuple[SecurityLevel, Path | None, str]:
+_Level = tuple[SecurityLevel, Path | None, str, RequireTlsName]
+
+
+def _domain_level(dc: DeliveryConfig, domain: str) -> _Level:
     """An MX destination's level: its policy row (exact, then longest ".suffix"), else the default."""
     j = match_domain(domain, [p.destination for p in dc.policies])
     if j is None:
-        return SecurityLevel(dc.security), None, "delivery.security, the default"
+        return SecurityLevel(dc.security), None, "delivery.security, the default", "enforce"
     row = dc.policies[j]
-    return SecurityLevel(row.level), row.ca_file, f"delivery.policy[{j}] for {row.destination}"
+    return (SecurityLevel(row.level), row.ca_file, f"delivery.policy[{j}] for {row.destination}",
+            row.requiretls)
 
 
-def _relay_level(dc: DeliveryConfig, host: str, port: int) -> tuple[SecurityLevel, Path | None, str]:
+def _relay_level(dc: DeliveryConfig, host: str, port: int) -> _Level:
     """The smarthost's level: a "[host]:port" row, else a "[host]" row, else verify."""
     rows = [(j, p) for j, p in enumerate(dc.policies)
             if p.destination.startswith("[") and relay_matches(p.destination, host, port)]
     if not rows:
-        return SecurityLevel.VERIFY, None, "delivery.smarthost, always verified"
+        return SecurityLevel.VERIFY, None, "delivery.smarthost, always verified", "enforce"
     j, row = max(rows, key=lambda r: not r[1].destination.endswith("]"))  # a port beats no port
-    return SecurityLevel(row.level), row.ca_file, f"delivery.policy[{j}] for {row.destination}"
+    return (SecurityLevel(row.level), row.ca_file, f"delivery.policy[{j}] for {row.destination}",
+            row.requiretls)
 
 
 # --- facts ------------------------------------------------------------------------------------------
@@ -294,6 +304,10 @@ class TlsRequirement:
     tlsa: tuple[TlsaRecord, ...] = ()  # DANE: the records the peer must match
     dane_names: tuple[str, ...] = ()  # DANE-TA reference identifiers (RFC 7672 §3.2.2)
     reason: str = ""  # why this level applies, for logs and `policy show`
+    # The connection carries REQUIRETLS messages under `enforce`: a server that does not offer
+    # REQUIRETLS after TLS is passed over for the next (RFC 8689 §4.2.1). Also keeps such
+    # connections apart from others when they are parked for reuse.
+    requiretls: bool = False
 
     @property
     def authenticated(self) -> bool:
@@ -341,6 +355,7 @@ def plan(
     facts: RouteFacts,
     *,
     requiretls: bool = False,
+    tls_optional: bool = False,
     tlsa: Mapping[str, TlsaFacts] | None = None,
     sts: StsFacts | None = None,
 ) -> Plan:
@@ -351,11 +366,22 @@ def plan(
     only at the `dane` levels, which is where DANE and MTA-STS apply; an explicit level such as
     `verify` is taken as is. Hosts keep their MX preference order whatever their TLS: a worse MX
     with TLSA records never pre-empts a better one without (RFC 7672 §2.2.1).
+
+    `requiretls` plans a message sent with REQUIRETLS, as the destination's `requiretls` mode says
+    (RFC 8689 §4.2.1 under `enforce`). `tls_optional` plans a message whose sender wrote
+    `TLS-Required: No` (RFC 8689 §5): the destination's own DANE and MTA-STS policies are not
+    enforced for it, so level `dane` becomes `may`; levels the operator chose stay as they are,
+    and REQUIRETLS outranks the header.
     """
     if facts.null_mx:
         return Plan(destination, refusal=Refusal(
             True, "5.1.10", f"Null MX: {destination.domain} does not accept mail (RFC 7505)"))
+    mode = destination.requiretls if requiretls else None
     level = destination.level
+    if tls_optional and not requiretls and level is SecurityLevel.DANE:
+        level = SecurityLevel.MAY
+        destination = replace(destination, level=level,
+                              level_source=f"TLS-Required: No in the message, not {destination.level_source}")
     if level is SecurityLevel.SECURE and destination.uses_mx and not facts.mx_secure:
         # Without DNSSEC an attacker chooses the MX host, and then PKIX proves only that host's name.
         return Plan(destination, refusal=Refusal(
@@ -368,10 +394,11 @@ def plan(
         if requirement is None:
             skipped.append(f"{host.name}: {why_not}")
             continue
-        if requiretls and not requirement.authenticated:
-            # RFC 8689 §4.2.1: a REQUIRETLS message goes only over authenticated TLS.
-            skipped.append(f"{host.name}: REQUIRETLS needs authenticated TLS, level is {requirement.level}")
-            continue
+        if mode is not None:
+            requirement, why_not = _for_requiretls(mode, destination, facts, host, requirement, sts)
+            if requirement is None:
+                skipped.append(f"{host.name}: {why_not}")
+                continue
         if not host.addresses:
             skipped.append(f"{host.name}: no address records")
             continue
@@ -380,6 +407,39 @@ def plan(
         return Plan(destination, tuple(candidates), skipped=tuple(skipped))
     return Plan(destination, refusal=_no_candidates(destination, facts, requiretls, skipped),
                 skipped=tuple(skipped))
+
+
+def _for_requiretls(
+    mode: RequireTlsName,
+    destination: Destination,
+    facts: RouteFacts,
+    host: HostFacts,
+    requirement: TlsRequirement,
+    sts: StsFacts | None,
+) -> tuple[TlsRequirement | None, str]:
+    """A host's requirement for a REQUIRETLS message under the destination's mode, or None and
+    why the host may not carry it."""
+    if mode == "opportunistic":
+        return requirement, ""
+    if mode == "encrypt":
+        if not requirement.starttls and not requirement.implicit:
+            return None, f"REQUIRETLS (encrypt) needs TLS, level is {requirement.level}"
+        if requirement.required:
+            return requirement, ""
+        return replace(requirement, level=SecurityLevel.ENCRYPT, required=True,
+                       plaintext_after_failed_handshake=False,
+                       reason=f"{requirement.reason}; REQUIRETLS (encrypt) makes TLS mandatory"), ""
+    # enforce, RFC 8689 §4.2.1: authenticated TLS (DANE, or PKIX per MTA-STS or the operator's
+    # verify/secure), to a host whose name was obtained securely: a forged insecure MX answer
+    # would otherwise choose a host whose certificate PKIX happily verifies.
+    if not requirement.authenticated:
+        return None, f"REQUIRETLS needs authenticated TLS, level is {requirement.level}"
+    if requirement.verify == "pkix" and destination.uses_mx and not facts.mx_secure:
+        covered = sts is not None and sts.mode == "enforce" and any(sts_matches(p, host.name) for p in sts.mx)
+        if not covered:
+            return None, ("REQUIRETLS needs MX records obtained securely (DNSSEC or an enforced "
+                          "MTA-STS policy), and these are neither")
+    return replace(requirement, requiretls=True), ""
 
 
 def tlsa_hosts(destination: Destination, facts: RouteFacts) -> tuple[str, ...]:
@@ -397,11 +457,12 @@ def _no_candidates(destination: Destination, facts: RouteFacts, requiretls: bool
     if not facts.hosts:
         return Refusal(False, "4.4.4", f"no mail host for {name}")
     detail = "; ".join(skipped)
-    if requiretls and any("REQUIRETLS" in s for s in skipped):
-        # Deferred, not bounced: the path may become authenticated (DNSSEC, MTA-STS) before
-        # the message expires; expiry then bounces it.
-        return Refusal(False, "5.7.30", f"REQUIRETLS support required: no authenticated TLS path to "
-                                        f"{name} ({detail})")
+    if requiretls and skipped and all("REQUIRETLS" in s for s in skipped):
+        # Every host is ruled out by what REQUIRETLS demands, not by a passing fault: the message
+        # goes back to its sender now (RFC 8689 §4.2.1), as Postfix does once all MX are exhausted.
+        # A host left out for a transient reason (a failed TLSA lookup) makes this a deferral below.
+        return Refusal(True, "5.7.30", f"REQUIRETLS support required: no authenticated TLS path to "
+                                       f"{name} ({detail})")
     if all("no address records" in s for s in skipped):
         return Refusal(False, "4.4.4", f"no address for any mail host of {name}")
     return Refusal(False, "4.7.5", f"no mail host of {name} meets the TLS policy ({detail})")

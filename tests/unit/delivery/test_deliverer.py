@@ -22,6 +22,7 @@ from mailward.delivery import (
     group_by_destination,
     read_smarthost_credentials,
     settle,
+    tls_required_no,
 )
 from mailward.delivery.attempt import RecipientOutcome, TlsOutcome
 from mailward.queue import Envelope, Recipient, RecipientState, StoredMessage, TlsVerdict
@@ -225,6 +226,21 @@ def test_the_tls_verdict_kept_in_the_queue() -> None:
     assert _Outcome(sent, "local", TlsOutcome()).verdict() is None
     assert _Outcome(sent, "lmtp[/run/lmtp.sock]", TlsOutcome()).verdict() is None
     assert _Outcome(DEFER, "none", TlsOutcome(), policy="may").verdict() is None
+
+
+@pytest.mark.parametrize(("content", "relaxed"), [
+    (b"Subject: x\r\nTLS-Required: No\r\n\r\nbody\r\n", True),
+    (b"Subject: x\r\ntls-required:no\r\n\r\n", True),
+    (b"TLS-Required:\r\n  No \r\nSubject: folded\r\n\r\n", True),
+    (b"Subject: x\r\n\r\nTLS-Required: No\r\n", False),  # in the body, not the header
+    (b"TLS-Required: Yes\r\n\r\n", False),
+    (b"TLS-Required: No thanks\r\n\r\n", False),
+    (b"TLS-Required: No\r\nTLS-Required: No\r\n\r\n", False),  # twice: not a clear request
+    (b"X-TLS-Required: No\r\n\r\n", False),
+    (b"Subject: no body at all\r\nTLS-Required: NO\r\n", True),
+])
+def test_tls_required_no_is_read_strictly(content: bytes, relaxed: bool) -> None:
+    assert tls_required_no(content) is relaxed
 
 
 # --- the loop, against a real queue ----------------------------------------------------------------------

@@ -233,14 +233,55 @@ MAY_CLEAR_ROW = ("may", False, "none", None, True)
     ("a host without addresses is skipped, the next is used", at(L.MAY),
      RouteFacts((HostFacts("gone.example.org", (), 5), MX2)), {},
      [("mx2.example.org", "192.0.2.2", *MAY_ROW)]),
-    # REQUIRETLS (RFC 8689): only authenticated TLS; otherwise wait with 5.7.30 as the reason.
-    ("REQUIRETLS refuses may", at(L.MAY), TWO, {"requiretls": True}, ("refused", "temporary", "5.7.30")),
+    # REQUIRETLS (RFC 8689 §4.2.1): only authenticated TLS to a securely obtained host; when no
+    # host qualifies for that reason alone, the message goes back with 5.7.30.
+    ("REQUIRETLS refuses may", at(L.MAY), TWO, {"requiretls": True}, ("refused", "permanent", "5.7.30")),
     ("REQUIRETLS refuses encrypt", at(L.ENCRYPT), TWO, {"requiretls": True},
-     ("refused", "temporary", "5.7.30")),
+     ("refused", "permanent", "5.7.30")),
     ("REQUIRETLS refuses dane without TLSA", at(L.DANE), TWO, {"requiretls": True},
-     ("refused", "temporary", "5.7.30")),
-    ("REQUIRETLS goes over verify", at(L.VERIFY), RouteFacts((MX2,)), {"requiretls": True},
+     ("refused", "permanent", "5.7.30")),
+    ("REQUIRETLS goes over verify to a DNSSEC-secure MX", at(L.VERIFY),
+     RouteFacts((SECURE_MX2,), mx_secure=True), {"requiretls": True},
      [("mx2.example.org", "192.0.2.2", "verify", True, "pkix", "mx2.example.org", False)]),
+    ("REQUIRETLS refuses verify to an insecure MX: a forged answer picks the host", at(L.VERIFY),
+     RouteFacts((MX2,)), {"requiretls": True}, ("refused", "permanent", "5.7.30")),
+    ("REQUIRETLS goes over verify to an explicit next hop, no MX involved",
+     at(L.VERIFY, kind="smarthost", next_hop=NextHop("relay.example", 587, False, False)),
+     RouteFacts((HostFacts("relay.example", ("192.0.2.9",)),)), {"requiretls": True},
+     [("relay.example", "192.0.2.9", "verify", True, "pkix", "relay.example", False)]),
+    ("REQUIRETLS over DANE", at(L.DANE), RouteFacts((SECURE_MX1,), mx_secure=True),
+     {"tlsa": {"mx1.example.org": TlsaFacts("secure", (EE,))}, "requiretls": True},
+     [("mx1.example.org", "192.0.2.1", "dane", True, "dane", "mx1.example.org", False)]),
+    ("REQUIRETLS: a host left out for a passing fault defers instead of bouncing", at(L.DANE),
+     RouteFacts((SECURE_MX1, MX2), mx_secure=True),
+     {"tlsa": {"mx1.example.org": TlsaFacts("bogus")}, "requiretls": True},
+     ("refused", "temporary", "4.7.5")),
+    ("REQUIRETLS encrypt mode: TLS made mandatory, not authenticated", at(L.DANE, requiretls="encrypt"),
+     RouteFacts((MX2,)), {"requiretls": True},
+     [("mx2.example.org", "192.0.2.2", "encrypt", True, "none", None, False)]),
+    ("REQUIRETLS encrypt mode still needs TLS", at(L.NONE, requiretls="encrypt"), RouteFacts((MX2,)),
+     {"requiretls": True}, ("refused", "permanent", "5.7.30")),
+    ("REQUIRETLS opportunistic mode: planned like any message", at(L.MAY, requiretls="opportunistic"),
+     RouteFacts((MX2,)), {"requiretls": True}, [("mx2.example.org", "192.0.2.2", *MAY_ROW)]),
+    # TLS-Required: No (RFC 8689 §5): the destination's DANE and MTA-STS are not enforced.
+    ("TLS-Required: No relaxes DANE to opportunistic", at(L.DANE), RouteFacts((SECURE_MX1,), mx_secure=True),
+     {"tlsa": {"mx1.example.org": TlsaFacts("secure", (EE,))}, "tls_optional": True},
+     [("mx1.example.org", "192.0.2.1", *MAY_ROW)]),
+    ("TLS-Required: No uses a host whose TLSA lookup failed", at(L.DANE),
+     RouteFacts((SECURE_MX1,), mx_secure=True), {"tlsa": {"mx1.example.org": TlsaFacts("bogus")},
+                                                 "tls_optional": True},
+     [("mx1.example.org", "192.0.2.1", *MAY_ROW)]),
+    ("TLS-Required: No ignores an enforced MTA-STS policy", at(L.DANE), TWO,
+     {"sts": StsFacts("enforce", ("*.other.example",)), "tls_optional": True},
+     [("mx1.example.org", "2001:db8::1", *MAY_ROW), ("mx1.example.org", "192.0.2.1", *MAY_ROW),
+      ("mx2.example.org", "192.0.2.2", *MAY_ROW)]),
+    ("TLS-Required: No leaves the operator's own levels alone", at(L.VERIFY), RouteFacts((MX2,)),
+     {"tls_optional": True}, [("mx2.example.org", "192.0.2.2", "verify", True, "pkix", "mx2.example.org",
+                               False)]),
+    ("TLS-Required: No leaves dane-only alone", at(L.DANE_ONLY), TWO, {"tls_optional": True},
+     ("refused", "temporary", "4.7.5")),
+    ("REQUIRETLS outranks TLS-Required: No", at(L.DANE), TWO, {"tls_optional": True, "requiretls": True},
+     ("refused", "permanent", "5.7.30")),
     # DANE hook (RFC 7672 §2.2): secure usable TLSA -> dane; secure unusable -> encrypt; bogus -> unusable.
     ("dane: secure usable TLSA requires DANE authentication", at(L.DANE),
      RouteFacts((SECURE_MX1,), mx_secure=True),
@@ -401,6 +442,33 @@ def test_reasons_say_where_the_level_came_from() -> None:
     assert refused is not None and refused.reason == (
         "level secure (delivery.security, the default) needs DNSSEC-secure MX records, and those of "
         "example.org are not")
+
+
+def test_requiretls_connections_are_marked_only_under_enforce() -> None:
+    secure = RouteFacts((SECURE_MX2,), mx_secure=True)
+    (enforced,) = plan(at(L.VERIFY), secure, requiretls=True).candidates
+    (plain,) = plan(at(L.VERIFY), secure).candidates
+    (relaxed,) = plan(at(L.VERIFY, requiretls="opportunistic"), secure, requiretls=True).candidates
+    # A REQUIRETLS connection checks the server offers REQUIRETLS and is never parked with others.
+    assert enforced.tls.requiretls and not plain.tls.requiretls and not relaxed.tls.requiretls
+    assert enforced != plain and relaxed == plain
+
+
+def test_requiretls_modes_come_from_routes_and_policy_rows() -> None:
+    cfg = config(route=[{"domain": "filtered.example", "next_hop": "[127.0.0.1]:10025"},
+                        {"domain": "partner.example", "next_hop": "[192.0.2.25]:25"},
+                        {"domain": "lan.example", "next_hop": "[192.0.2.26]", "requiretls": "encrypt"}],
+                 policy=[{"destination": "legacy.example", "level": "may", "requiretls": "opportunistic"}])
+    modes = {d: destination_for(d, cfg).requiretls for d in (
+        "filtered.example", "partner.example", "lan.example", "legacy.example", "example.org")}
+    # A loopback next hop (a content filter) defaults to opportunistic, as Postfix's does.
+    assert modes == {"filtered.example": "opportunistic", "partner.example": "enforce",
+                     "lan.example": "encrypt", "legacy.example": "opportunistic", "example.org": "enforce"}
+
+
+def test_tls_required_no_says_so_in_the_reason() -> None:
+    (cand,) = plan(at(L.DANE), RouteFacts((MX2,)), tls_optional=True).candidates
+    assert cand.tls.reason.startswith("may from TLS-Required: No in the message")
 
 
 def test_refusal_reasons_name_what_was_skipped() -> None:
