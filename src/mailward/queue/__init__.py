@@ -41,6 +41,7 @@ __all__ = [
     "StoredMessage",
     "StsPolicyRecord",
     "TlsFacts",
+    "TlsRptTally",
     "TlsTrust",
     "TlsVerdict",
     "Transaction",
@@ -173,6 +174,9 @@ class Envelope:
     requiretls: bool = False
     auth_user: str | None = None
     tls: TlsFacts | None = None
+    # A TLS report (RFC 8460) mailward itself queued: its sessions are not counted in the next
+    # report, which would otherwise report on its own delivery day after day.
+    tlsrpt: bool = False
 
     def __post_init__(self) -> None:
         if self.body_type not in get_args(BodyType):
@@ -204,6 +208,8 @@ class Envelope:
             if self.tls is None
             else {"version": self.tls.version, "cipher": self.tls.cipher, "bits": self.tls.bits},
         }
+        if self.tlsrpt:
+            data["tlsrpt"] = True  # only when set, so older readers see the envelopes they know
         return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
     @classmethod
@@ -235,6 +241,7 @@ class Envelope:
                 requiretls=_typed(data["requiretls"], bool),
                 auth_user=_optional(data["auth_user"], str),
                 tls=facts,
+                tlsrpt=_typed(data.get("tlsrpt", False), bool),
             )
         except (KeyError, TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"malformed envelope: {exc}") from exc
@@ -361,6 +368,29 @@ class StsPolicyRecord:
     text: str  # the policy as served; parsed again when read, so a damaged row is never trusted
     fetched_at: float
     expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class TlsRptTally:
+    """A count of outbound TLS sessions for TLS reporting (RFC 8460), as the queue keeps it.
+
+    Sessions with the same day, policy and (for failures) the same failure detail add up in one
+    row; `result_type` "" counts successful sessions. The queue keeps tallies because every node
+    that shares a queue reports together, and a restart must not lose the day.
+    """
+
+    day: str  # the UTC day, YYYY-MM-DD
+    domain: str  # the policy domain: the recipient domain
+    policy_type: str  # tlsa | sts | no-policy-found
+    policy_strings: tuple[str, ...] = ()
+    mx_hosts: tuple[str, ...] = ()
+    result_type: str = ""  # "" for successful sessions, else an RFC 8460 §4.3 result type
+    sending_ip: str = ""
+    receiving_mx: str = ""
+    receiving_ip: str = ""
+    reason_code: str = ""  # failure-reason-code
+    information: str = ""  # additional-information
+    count: int = 1
 
 
 @dataclass(frozen=True, slots=True)

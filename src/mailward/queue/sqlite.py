@@ -58,6 +58,7 @@ from mailward.queue import (
     RecipientResult,
     StoredMessage,
     StsPolicyRecord,
+    TlsRptTally,
     new_queue_id,
 )
 from mailward.queue import sqlite_store as store
@@ -621,6 +622,31 @@ class SqliteQueue:
     async def save_sts_policy(self, policy: StsPolicyRecord) -> None:
         # No fsync of its own: a lost cache write costs one more fetch, not a message.
         await self._submit(functools.partial(store.save_sts_policy, record=policy), durable=False)
+
+    # --- TLS reporting (RFC 8460) ---
+
+    async def add_tlsrpt_tallies(self, tallies: Sequence[TlsRptTally]) -> None:
+        """Add session counts to the day's tallies (rows with the same key add up)."""
+        if not tallies:
+            return
+        # No fsync of its own, as for the MTA-STS cache: a lost tally is a count, not a message.
+        await self._submit(functools.partial(store.add_tlsrpt_tallies, tallies=list(tallies)), durable=False)
+
+    async def load_tlsrpt_tallies(self, day: str, domain: str | None = None) -> builtins.list[TlsRptTally]:
+        return await self._read(functools.partial(store.load_tlsrpt_tallies, day=day, domain=domain))
+
+    async def mark_tlsrpt_sent(self, day: str, domain: str, report_id: str, now: float) -> bool:
+        """Record that the report for (day, domain) went out; False if it was recorded before."""
+        fn = functools.partial(store.mark_tlsrpt_sent, day=day, domain=domain, report_id=report_id, now=now)
+        return bool(await self._submit(fn, durable=True))
+
+    async def tlsrpt_sent(self, day: str) -> dict[str, str]:
+        """The domains whose report for `day` went out, with the report ids."""
+        return await self._read(functools.partial(store.tlsrpt_sent, day=day))
+
+    async def prune_tlsrpt(self, before: str) -> None:
+        """Forget tallies and sent marks of days before `before` (YYYY-MM-DD)."""
+        await self._submit(functools.partial(store.prune_tlsrpt, before=before), durable=False)
 
     async def next_due(self) -> float | None:
         return await self._read(store.next_due)

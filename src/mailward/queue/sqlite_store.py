@@ -12,6 +12,7 @@ raises after writing makes the writer roll back its batch and run the others aga
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import sqlite3
 from collections.abc import Sequence
@@ -30,18 +31,20 @@ from mailward.queue import (
     RecipientState,
     StoredMessage,
     StsPolicyRecord,
+    TlsRptTally,
     TlsVerdict,
 )
 
 log = logging.getLogger("mailward.queue")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Statements that bring a database of schema N up to N + 1, run at open inside the transaction
 # that records the new version, so a crash leaves either schema, never a mix.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: ("ALTER TABLE recipient ADD COLUMN tls TEXT",),
     2: (),  # the sts_policy table is new and created with the schema
+    3: (),  # so are the tlsrpt_tally and tlsrpt_sent tables
 }
 
 SCHEMA = """
@@ -90,6 +93,33 @@ CREATE TABLE IF NOT EXISTS sts_policy (
     policy TEXT NOT NULL,            -- as served
     fetched_at REAL NOT NULL,
     expires_at REAL NOT NULL
+) WITHOUT ROWID;
+
+-- TLS reporting (RFC 8460): session counts per UTC day and policy, and the reports already sent.
+-- policy_strings and mx_hosts are JSON arrays; result_type '' counts successful sessions.
+CREATE TABLE IF NOT EXISTS tlsrpt_tally (
+    day TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    policy_type TEXT NOT NULL,
+    policy_strings TEXT NOT NULL,
+    mx_hosts TEXT NOT NULL,
+    result_type TEXT NOT NULL,
+    sending_ip TEXT NOT NULL,
+    receiving_mx TEXT NOT NULL,
+    receiving_ip TEXT NOT NULL,
+    reason_code TEXT NOT NULL,
+    information TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (day, domain, policy_type, policy_strings, mx_hosts, result_type, sending_ip,
+                 receiving_mx, receiving_ip, reason_code, information)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS tlsrpt_sent (
+    day TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    report_id TEXT NOT NULL,
+    sent_at REAL NOT NULL,
+    PRIMARY KEY (day, domain)
 ) WITHOUT ROWID;
 
 -- Large blobs belong in a rowid table (WITHOUT ROWID suits small rows only).
@@ -472,6 +502,60 @@ def load_sts_policy(conn: sqlite3.Connection, domain: str) -> StsPolicyRecord | 
     if row is None:
         return None
     return StsPolicyRecord(domain, str(row[0]), str(row[1]), float(row[2]), float(row[3]))
+
+
+_TALLY_KEY = ("day, domain, policy_type, policy_strings, mx_hosts, result_type, sending_ip, receiving_mx, "
+              "receiving_ip, reason_code, information")
+
+
+def add_tlsrpt_tallies(conn: sqlite3.Connection, tallies: Sequence[TlsRptTally]) -> None:
+    conn.executemany(
+        f"INSERT INTO tlsrpt_tally ({_TALLY_KEY}, count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        f" ON CONFLICT ({_TALLY_KEY}) DO UPDATE SET count = count + excluded.count",
+        [(t.day, t.domain, t.policy_type, json.dumps(list(t.policy_strings)), json.dumps(list(t.mx_hosts)),
+          t.result_type, t.sending_ip, t.receiving_mx, t.receiving_ip, t.reason_code, t.information, t.count)
+         for t in tallies],
+    )
+
+
+def load_tlsrpt_tallies(conn: sqlite3.Connection, day: str, domain: str | None) -> list[TlsRptTally]:
+    query = f"SELECT {_TALLY_KEY}, count FROM tlsrpt_tally WHERE day = ?"
+    args: tuple[str, ...] = (day,)
+    if domain is not None:
+        query += " AND domain = ?"
+        args += (domain,)
+    tallies: list[TlsRptTally] = []
+    for row in conn.execute(query + " ORDER BY domain", args):
+        try:
+            strings, hosts = json.loads(row[3]), json.loads(row[4])
+            if not (isinstance(strings, list) and isinstance(hosts, list)):
+                raise ValueError("not a list")
+        except ValueError:
+            log.warning("TLS report tally for %s on %s is damaged; skipped", row[1], row[0])
+            continue
+        tallies.append(TlsRptTally(
+            day=str(row[0]), domain=str(row[1]), policy_type=str(row[2]),
+            policy_strings=tuple(map(str, strings)), mx_hosts=tuple(map(str, hosts)),
+            result_type=str(row[5]), sending_ip=str(row[6]),
+            receiving_mx=str(row[7]), receiving_ip=str(row[8]), reason_code=str(row[9]),
+            information=str(row[10]), count=int(row[11])))
+    return tallies
+
+
+def mark_tlsrpt_sent(conn: sqlite3.Connection, day: str, domain: str, report_id: str, now: float) -> bool:
+    cursor = conn.execute("INSERT INTO tlsrpt_sent (day, domain, report_id, sent_at) VALUES (?, ?, ?, ?)"
+                          " ON CONFLICT (day, domain) DO NOTHING", (day, domain, report_id, now))
+    return cursor.rowcount == 1
+
+
+def tlsrpt_sent(conn: sqlite3.Connection, day: str) -> dict[str, str]:
+    return {str(d): str(r) for d, r in conn.execute(
+        "SELECT domain, report_id FROM tlsrpt_sent WHERE day = ?", (day,))}
+
+
+def prune_tlsrpt(conn: sqlite3.Connection, before: str) -> None:
+    conn.execute("DELETE FROM tlsrpt_tally WHERE day < ?", (before,))
+    conn.execute("DELETE FROM tlsrpt_sent WHERE day < ?", (before,))
 
 
 def next_due(conn: sqlite3.Connection) -> float | None:

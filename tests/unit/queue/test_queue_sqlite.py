@@ -29,6 +29,7 @@ from mailward.queue import (
     RecipientResult,
     StsPolicyRecord,
     TlsFacts,
+    TlsRptTally,
     TlsVerdict,
 )
 from mailward.queue.sqlite import SqliteQueue
@@ -208,7 +209,49 @@ def test_a_schema_2_queue_gains_the_sts_policy_cache(tmp_path: Path) -> None:
     with sqlite3.connect(db) as conn:
         schema = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
     conn.close()
-    assert schema == str(SCHEMA_VERSION) == "3"
+    assert schema == str(SCHEMA_VERSION) == "4"
+
+
+def test_a_schema_3_queue_gains_the_tls_report_tables(tmp_path: Path) -> None:
+    db = tmp_path / "queue.db"
+    run(lambda: _open_and_close(db))
+    # What schema 3 looked like: no TLS-RPT tally.
+    sql(db, "DROP TABLE tlsrpt_tally")
+    sql(db, "DROP TABLE tlsrpt_sent")
+    sql(db, "UPDATE meta SET value = '3' WHERE key = 'schema'")
+    ok = TlsRptTally("2026-11-28", "example.org", "sts", ("version: STSv1", "mode: enforce"),
+                     ("mx.example.org",))
+    bad = replace(ok, result_type="certificate-expired", receiving_mx="mx.example.org",
+                  receiving_ip="192.0.2.1", reason_code="certificate has expired")
+
+    async def use() -> None:
+        async with await SqliteQueue.open(db) as queue:
+            await queue.add_tlsrpt_tallies([ok, replace(ok, count=2), bad])
+            await queue.add_tlsrpt_tallies([bad, replace(ok, day="2026-11-27", domain="example.net")])
+            assert sorted(await queue.load_tlsrpt_tallies("2026-11-28"), key=lambda t: t.result_type) == [
+                replace(ok, count=3), replace(bad, count=2)]
+            assert await queue.load_tlsrpt_tallies("2026-11-28", "example.net") == []
+            assert await queue.tlsrpt_sent("2026-11-28") == {}
+            assert await queue.mark_tlsrpt_sent("2026-11-28", "example.org", "r1@mx", NOW)
+            assert not await queue.mark_tlsrpt_sent("2026-11-28", "example.org", "r2@mx", NOW)  # once only
+            assert await queue.tlsrpt_sent("2026-11-28") == {"example.org": "r1@mx"}
+            await queue.prune_tlsrpt("2026-11-28")
+            assert await queue.load_tlsrpt_tallies("2026-11-27") == []
+            assert len(await queue.load_tlsrpt_tallies("2026-11-28")) == 2
+
+    run(use)
+    with sqlite3.connect(db) as conn:
+        schema = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
+    conn.close()
+    assert schema == str(SCHEMA_VERSION)
+
+
+def test_an_envelope_marks_tls_reports() -> None:
+    plain = make_envelope()
+    assert "tlsrpt" not in json.loads(plain.to_json())  # older readers see what they know
+    marked = replace(plain, tlsrpt=True)
+    assert Envelope.from_json(marked.to_json()) == marked
+    assert Envelope.from_json(plain.to_json()).tlsrpt is False
 
 
 # --- receiving ------------------------------------------------------------------------------------
