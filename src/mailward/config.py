@@ -273,6 +273,25 @@ LMTP_TARGET = Check("unix:/path/to/socket or host:port", _lmtp_target)
 LOCAL_PART = Check("the local part of an address, such as postmaster", _local_part)
 ALIAS_TARGET = Check("a local user such as alice or an address such as alice@example.org", _alias_target)
 
+
+def _report_sender(value: str) -> str:
+    local, at, domain = value.rpartition("@")
+    if not at or not local or any(c.isspace() or ord(c) < 0x20 or c in '\x7f<>"' for c in value):
+        raise ValueError(value)
+    return f"{local}@{_domain_name(domain)}"
+
+
+REPORT_SENDER = Check("an address such as postmaster@mail.example.org", _report_sender)
+
+
+def _one_line(value: str) -> str:
+    if not value.strip() or len(value) > 200 or any(ord(c) < 0x20 or c == "\x7f" for c in value):
+        raise ValueError(value)
+    return value.strip()
+
+
+ONE_LINE = Check("one line of text of at most 200 characters", _one_line)
+
 ListenerKind = Literal["mx", "submission", "submissions"]
 # Outbound TLS security levels, weakest first; delivery.policy.SecurityLevel has the same values.
 SecurityLevelName = Literal["none", "may", "encrypt", "dane", "dane-only", "verify", "secure"]
@@ -509,6 +528,27 @@ class MtaStsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TlsRptConfig:
+    enabled: bool = field(metadata=setting(
+        "tally outbound TLS sessions and send daily TLS reports (RFC 8460) to recipient domains that "
+        "publish a _smtp._tls record", True))
+    organization: Annotated[str, ONE_LINE] = field(metadata=setting(
+        "organization-name in the reports", Derived("hostname", lambda s: s.root["hostname"])))
+    contact: Annotated[str, ONE_LINE] = field(metadata=setting(
+        "contact-info in the reports: an address or URL for questions about them",
+        Derived("postmaster@hostname", lambda s: f"postmaster@{s.root['hostname']}")))
+    sender: Annotated[str, REPORT_SENDER] = field(metadata=setting(
+        "From: and envelope sender of reports sent by mail",
+        Derived("postmaster@hostname", lambda s: f"postmaster@{s.root['hostname']}")))
+    send_hour: Annotated[int, Range(0, 23)] = field(metadata=setting(
+        "UTC hour at which the previous UTC day's reports are sent", 1))
+    https_ca_file: Path | None = field(metadata=setting(
+        "PEM CA certificates for https: report addresses; default: the system's", None))
+    https_timeout: Annotated[float, Range(1, 300)] = field(metadata=setting(
+        "seconds one HTTPS report upload may take", 30))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AliasConfig:
     name: Annotated[str, LOCAL_PART] = field(metadata=setting(
         "local part that is an alias, in every local domain, e.g. postmaster"))
@@ -557,6 +597,7 @@ class Config:
     dns: DnsConfig = field(metadata=setting("how delivery resolves MX and address records", {}))
     mta_sts: MtaStsConfig = field(metadata=setting("MTA-STS policies of recipient domains (RFC 8461)", {}))
     local: LocalConfig = field(metadata=setting("delivery for local_domains: Maildir or LMTP", {}))
+    tlsrpt: TlsRptConfig = field(metadata=setting("SMTP TLS reporting to recipient domains (RFC 8460)", {}))
 
 
 # --- reading the schema ---------------------------------------------------------------------------

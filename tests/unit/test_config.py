@@ -31,6 +31,7 @@ from mailward.config import (
     RouteConfig,
     SmarthostConfig,
     TlsConfig,
+    TlsRptConfig,
     check_files,
     config_from_dict,
     demo_config,
@@ -222,6 +223,15 @@ enabled = false
 ca_file = "tls/sts-ca.pem"
 fetch_timeout = 5
 
+[tlsrpt]
+enabled = false
+organization = "Example Net"
+contact = "tls-reports@example.net"
+sender = "noreply@mx1.example.net"
+send_hour = 3
+https_ca_file = "tls/report-ca.pem"
+https_timeout = 10
+
 [local]
 maildir = "/srv/mail"
 lmtp = "unix:/run/dovecot/lmtp"
@@ -279,6 +289,9 @@ def test_full_file_loads_every_value(tmp_path: Path, monkeypatch: pytest.MonkeyP
         local=LocalConfig(maildir=Path("/srv/mail"), lmtp="unix:/run/dovecot/lmtp",
                           aliases=(AliasConfig(name="postmaster", targets=("alice", "bob@example.org")),),
                           catch_all="postmaster"),
+        tlsrpt=TlsRptConfig(enabled=False, organization="Example Net", contact="tls-reports@example.net",
+                            sender="noreply@mx1.example.net", send_hour=3,
+                            https_ca_file=etc / "tls/report-ca.pem", https_timeout=10.0),
     )
 
 

@@ -58,6 +58,7 @@ from mailward.delivery.policy import (
     Plan,
     Refusal,
     RouteFacts,
+    SecurityLevel,
     TlsaFacts,
     destination_for,
     literal_facts,
@@ -78,6 +79,7 @@ from mailward.queue import (
     TlsVerdict,
 )
 from mailward.reports.dsn import Action, RecipientReport, build_dsn, returns_whole_message, wanted
+from mailward.reports.tlsrpt import ReportPolicy, TlsReporter, TlsRptStore, policy_for
 
 __all__ = [
     "DeadHosts",
@@ -493,6 +495,11 @@ class Deliverer:
         )
         self.dead = DeadHosts(self.dc.dead_host_seconds)
         self.mta_sts = for_delivery(config, resolver, queue)
+        # TLS reporting (RFC 8460): every TLS session with a recipient domain's MX is counted.
+        self.tlsrpt = (TlsReporter(queue, clock=clock)
+                       if config.tlsrpt.enabled and isinstance(queue, TlsRptStore) else None)
+        if self.tlsrpt is not None and self.mta_sts is not None:
+            self.mta_sts.observer = self.tlsrpt.sts_lookup
         self._connections = asyncio.Semaphore(self.dc.concurrency)
         self._local_slots = asyncio.Semaphore(self.dc.per_destination)
         self._gates: dict[str, _Gate] = {}
@@ -596,6 +603,8 @@ class Deliverer:
             if not work.finished:
                 await self._finish(work)
         await self._close_parked()
+        if self.tlsrpt is not None:
+            await self.tlsrpt.close()
 
     def _dispatch(self, messages: Sequence[StoredMessage]) -> None:
         now = self.clock()
@@ -697,6 +706,10 @@ class Deliverer:
                                 tls_optional=tls_optional, tlsa=tlsa, sts=sts)
             for why in decision.skipped:
                 log.info("%s: not using %s", destination.key, why)
+            if not requiretls and not tls_optional and destination.kind == "mx" \
+                    and destination.next_hop is None and not isinstance(facts_or_refusal, Refusal) \
+                    and not all(j.work.message.envelope.tlsrpt for j in subset):
+                self._tally_unusable(destination, facts_or_refusal, tlsa, decision)
             if decision.refusal is not None:
                 refusal = decision.refusal
                 status: ResultStatus = "failed" if refusal.permanent else "deferred"
@@ -735,6 +748,10 @@ class Deliverer:
         gate = self._gate(destination.key)
         gate.users += 1
         settings = self.smarthost_settings if destination.authenticate else self.settings
+        # TLS-RPT counts sessions with a recipient domain's own MX hosts, except those that only
+        # carry our own TLS reports (counting them would report on the reports, day after day).
+        report = destination.kind == "mx" and destination.next_hop is None and \
+            not all(j.work.message.envelope.tlsrpt for j in jobs)
 
         async def connection() -> None:
             while pending:
@@ -746,7 +763,7 @@ class Deliverer:
                         if not pending:
                             return
                         try:
-                            session = await self._connect(decision, settings)
+                            session = await self._connect(decision, settings, report=report)
                         except _NoHost as exc:
                             gate.failure()
                             outcome = (RecipientOutcome("failed", exc.reply, exc.reply.split(" ", 1)[0])
@@ -819,7 +836,7 @@ class Deliverer:
             entry.timer.cancel()
         await asyncio.gather(*(entry.session.close() for entry in parked), return_exceptions=True)
 
-    async def _connect(self, decision: Plan, settings: AttemptSettings) -> Session:
+    async def _connect(self, decision: Plan, settings: AttemptSettings, *, report: bool = False) -> Session:
         reused = self._unpark(decision.destination.key, decision)
         if reused is not None:
             return reused
@@ -832,9 +849,15 @@ class Deliverer:
                 skipped.append(candidate)
                 continue
             try:
-                return await Session.open(candidate, settings)
+                session = await Session.open(candidate, settings)
             except AttemptError as exc:
                 error = exc
+                if report:
+                    self._tally(decision, candidate, exc.tls, exc.local_ip)
+            else:
+                if report:
+                    self._tally(decision, candidate, session.tls, session.local_ip)
+                return session
             log.info("%s: %s", decision.destination.key, error.reply)
             if error.dead:
                 self.dead.mark(candidate.address, candidate.port, self.clock())
@@ -861,6 +884,34 @@ class Deliverer:
         names = ", ".join(c.relay for c in skipped)
         raise _NoHost(f"4.4.1 all mail hosts were unreachable recently, not retried yet: {names}",
                       TlsOutcome())
+
+    def _tally(self, decision: Plan, candidate: Candidate, tls: TlsOutcome, local_ip: str | None) -> None:
+        """Count one new TLS session for TLS reporting; reused connections were counted when opened."""
+        if self.tlsrpt is None or not (tls.active or tls.result_type):
+            return  # no TLS was tried: a refused connection or a plaintext level is no TLS session
+        domain = decision.destination.domain
+        self.tlsrpt.session(domain, policy_for(candidate, self.tlsrpt.sts(domain)), tls.result_type,
+                            mx_host=candidate.host, receiving_ip=candidate.address, sending_ip=local_ip or "",
+                            reason=tls.failure or "")
+
+    def _tally_unusable(self, destination: Destination, facts: RouteFacts,
+                        tlsa: Mapping[str, TlsaFacts] | None, decision: Plan) -> None:
+        """Count the MX hosts DANE ruled out before any connection (RFC 8460 §4.3.2.1): a failed or
+        bogus TLSA lookup (dnssec-invalid), or no secure TLSA records at level dane-only."""
+        if self.tlsrpt is None:
+            return
+        planned = {c.host for c in decision.candidates}
+        for host in facts.hosts:
+            if host.name in planned:
+                continue
+            found = None if tlsa is None else tlsa.get(host.name)
+            policy = ReportPolicy("tlsa", (), (host.name,))
+            if found is not None and found.status == "bogus":
+                self.tlsrpt.session(destination.domain, policy, "dnssec-invalid", mx_host=host.name,
+                                    reason="TLSA lookup failed or is bogus")
+            elif destination.level is SecurityLevel.DANE_ONLY and (found is None or not found.usable):
+                self.tlsrpt.session(destination.domain, policy, "dane-required", mx_host=host.name,
+                                    reason="level dane-only and no usable DNSSEC-secure TLSA records")
 
     async def _send_over(self, session: Session, pending: deque[_Job]) -> None:
         relay = session.candidate.relay

@@ -28,6 +28,7 @@ from cryptography import x509
 from mailward.delivery.dane import verify_chain
 from mailward.delivery.policy import Candidate, TlsRequirement
 from mailward.queue import Recipient, ResultStatus, StoredMessage, TlsTrust, TlsVerdict
+from mailward.reports.tlsrpt import ResultType, handshake_result_type
 from mailward.smtp.address import AddressError, Mailbox, parse_mailbox
 from mailward.smtp.client import (
     CONNECTION_LOST,
@@ -81,6 +82,7 @@ class TlsOutcome:
     failure: str | None = None  # why TLS was not used, or how it failed
     trust: TlsTrust | None = None  # Verified, Trusted, Untrusted or Anonymous (`TlsVerdict.outcome`)
     dane: str | None = None  # the TLSA record that authenticated the peer, as "3 1 1"
+    result_type: ResultType | None = None  # how TLS failed, in RFC 8460's words (TLS reporting)
 
     @property
     def active(self) -> bool:
@@ -142,6 +144,7 @@ class AttemptError(Exception):
         self.retry_plaintext = retry_plaintext
         self.tls = tls
         self.requiretls_refused = requiretls_refused  # the host does not offer REQUIRETLS (RFC 8689)
+        self.local_ip: str | None = None  # our end of the connection, when there was one (TLS-RPT)
 
     @property
     def reply(self) -> str:
@@ -214,6 +217,8 @@ class Session:
         self.tls: TlsOutcome = PLAINTEXT
         self.messages = 0
         self.opened_at = time.monotonic()
+        sockname = stream.transport.get_extra_info("sockname") if stream.transport is not None else None
+        self.local_ip: str | None = str(sockname[0]) if isinstance(sockname, tuple) else None
 
     # --- opening ---
 
@@ -248,7 +253,9 @@ class Session:
                 await session._check_requiretls()
             if settings.credentials is not None:
                 await session._authenticate(settings.credentials)
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, AttemptError):
+                exc.local_ip = session.local_ip
             session.abort()
             raise
         return session
@@ -300,8 +307,9 @@ class Session:
                 await self._quit()
                 raise AttemptError("4.7.4", f"TLS is required ({tls.reason}) but {self.candidate.relay} "
                                             "does not offer STARTTLS",
-                                   tls=TlsOutcome(failure="STARTTLS not offered"))
-            self.tls = TlsOutcome(failure="STARTTLS not offered")
+                                   tls=TlsOutcome(failure="STARTTLS not offered",
+                                                  result_type="starttls-not-supported"))
+            self.tls = TlsOutcome(failure="STARTTLS not offered", result_type="starttls-not-supported")
             return
         self.client.starttls()
         ev = await self._command_event("STARTTLS")
@@ -311,8 +319,9 @@ class Session:
                 await self._quit()
                 raise AttemptError("4.7.4", f"TLS is required but {self.candidate.relay} refused "
                                             f"STARTTLS: {text}",
-                                   tls=TlsOutcome(failure=f"STARTTLS refused: {text}"))
-            self.tls = TlsOutcome(failure=f"STARTTLS refused: {text}")
+                                   tls=TlsOutcome(failure=f"STARTTLS refused: {text}",
+                                                  result_type="starttls-not-supported"))
+            self.tls = TlsOutcome(failure=f"STARTTLS refused: {text}", result_type="starttls-not-supported")
             return
         if not isinstance(ev, StartTlsReady):
             raise self._broken(ev, "STARTTLS")
@@ -335,7 +344,7 @@ class Session:
             raise AttemptError("4.7.5" if isinstance(exc, ssl.SSLCertVerificationError) else "4.7.0",
                                f"TLS with {self.candidate.relay} failed: {why}",
                                retry_plaintext=tls.plaintext_after_failed_handshake and not tls.implicit,
-                               tls=TlsOutcome(failure=why)) from None
+                               tls=TlsOutcome(failure=why, result_type=handshake_result_type(exc))) from None
         facts = tls_facts(sslobj)
         chain = peer_chain(sslobj)
         dane: str | None = None
@@ -343,7 +352,8 @@ class Session:
             verdict = verify_chain(tls.tlsa, chain, tls.dane_names)
             if not verdict.verified:
                 outcome = TlsOutcome(protocol=facts.version, cipher=facts.cipher, trust="Untrusted",
-                                     peer_subject=_subject(sslobj), failure=f"DANE: {verdict.reason}")
+                                     peer_subject=_subject(sslobj), failure=f"DANE: {verdict.reason}",
+                                     result_type=verdict.failure or "validation-failure")
                 self.abort()
                 raise AttemptError("4.7.5", f"DANE authentication of {self.candidate.relay} failed: "
                                             f"{verdict.reason}", tls=outcome)

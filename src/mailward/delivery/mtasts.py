@@ -279,6 +279,9 @@ class MtaSts:
         self._memory: dict[str, CachedPolicy] = {}
         self._failed_until: dict[str, float] = {}  # domain -> when a failed fetch may be tried again
         self._inflight: dict[str, asyncio.Task[StsLookup]] = {}
+        # Told of every lookup made (not of callers that shared one): TLS reporting counts failed
+        # fetches and reports the policy that applied.
+        self.observer: Callable[[StsLookup], None] | None = None
 
     async def lookup(self, domain: str, *, refetch: bool = False) -> StsLookup:
         """The policy for `domain`. `refetch` fetches even when the cached id is current (§5: before
@@ -288,10 +291,16 @@ class MtaSts:
         task = self._inflight.get(key)
         if task is None:
             # Concurrent deliveries to one domain fetch once.
-            task = asyncio.ensure_future(self._lookup(domain, refetch))
+            task = asyncio.ensure_future(self._observed(domain, refetch))
             self._inflight[key] = task
             task.add_done_callback(lambda _: self._inflight.pop(key, None))
         return await asyncio.shield(task)
+
+    async def _observed(self, domain: str, refetch: bool) -> StsLookup:
+        found = await self._lookup(domain, refetch)
+        if self.observer is not None:
+            self.observer(found)
+        return found
 
     async def _lookup(self, domain: str, refetch: bool) -> StsLookup:
         now = self.clock()
