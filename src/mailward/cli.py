@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from mailward import __version__, queuetool
+from mailward import __version__, queuetool, tlsrpttool
 from mailward.auth import UserStore, UserStoreError
 from mailward.config import Config, ConfigError, describe, load_config
 
@@ -90,6 +90,10 @@ def cmd_queue(args: argparse.Namespace) -> int:
     # The pid file `mailward serve` writes, so retry and flush can say whether a server will act.
     server = queuetool.Server(config.state_dir / "mailward.pid", config.delivery.enabled)
     return queuetool.run(args, config.queue.path, server=server)
+
+
+def cmd_tlsrpt(args: argparse.Namespace) -> int:
+    return tlsrpttool.run(args, _config(args))
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
@@ -174,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_user)
 
     queuetool.add_parser(sub, common, cmd_queue)
+    tlsrpttool.add_parser(sub, common, cmd_tlsrpt)
     # Listed for --help only: main() hands `sendmail` its arguments before argparse sees them.
     sub.add_parser("sendmail", help="submit a message read from standard input, like sendmail(8); "
                    "see mailward sendmail --help", add_help=False)

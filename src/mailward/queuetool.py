@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mailward.queue import CorruptMessage, RecipientState, StoredMessage, TlsVerdict
+from mailward.queue import CorruptMessage, RecipientState, StoredMessage, TlsRptTally, TlsVerdict
 from mailward.queue import sqlite_store as store
 
 BUSY_TIMEOUT = 10.0  # seconds to wait for the server's writer to finish its batch
@@ -169,6 +169,11 @@ class QueueFile:
                 if end >= 0:
                     return data[: end + 2]
         return data[:HEADER_LIMIT]
+
+    def tlsrpt(self, day: str, domain: str | None) -> tuple[list[TlsRptTally], dict[str, str]]:
+        """The TLS report tallies of a UTC day and the reports already sent (`mailward tlsrpt show`)."""
+        with self._connect(write=False) as conn:
+            return store.load_tlsrpt_tallies(conn, day, domain), store.tlsrpt_sent(conn, day)
 
     def _change(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         with self._connect(write=True) as conn:

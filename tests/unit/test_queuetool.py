@@ -20,6 +20,7 @@ from mailward import queuetool
 from mailward.cli import build_parser
 from mailward.queue import Envelope, Recipient, RecipientResult, StoredMessage, TlsFacts, TlsVerdict
 from mailward.queue.sqlite import SqliteQueue
+from mailward.queue.sqlite_store import SCHEMA_VERSION
 from mailward.queuetool import format_age, printable
 
 T = TypeVar("T")
@@ -248,8 +249,8 @@ def test_an_older_schema_asks_for_the_server_to_upgrade_it(filled: Filled,
     conn.close()
     assert tool(filled.path, "list") == 2
     assert capsys.readouterr().err == (
-        f"mailward: {filled.path} has queue schema 1, older than this mailward's 3; start the server "
-        "once (mailward serve) to upgrade it.\n")
+        f"mailward: {filled.path} has queue schema 1, older than this mailward's {SCHEMA_VERSION}; start the "
+        "server once (mailward serve) to upgrade it.\n")
 
 
 # --- show ----------------------------------------------------------------------------------------

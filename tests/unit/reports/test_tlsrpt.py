@@ -14,6 +14,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from mailward import tlsrpttool
 from mailward.config import Config, config_from_dict
 from mailward.delivery.dns import DnsTemporaryError, HostAddresses
 from mailward.delivery.mtasts import StsLookup, parse_policy
@@ -362,3 +363,46 @@ def test_sender_queues_each_report_once(tmp_path: Path, caplog: pytest.LogCaptur
 
     asyncio.run(go())
     assert "giving up on https://r.example.org/x" in caplog.text
+
+
+# --- mailward tlsrpt show -------------------------------------------------------------------------
+
+
+def _show(config: Config, *argv: str) -> int:
+    from mailward.cli import build_parser
+
+    args = build_parser().parse_args(["tlsrpt", "show", *argv])
+    return tlsrpttool.run(args, config, now=NOON + 86400)
+
+
+def test_show_prints_what_would_be_sent(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _config(tmp_path)
+    config.queue.path.parent.mkdir(parents=True)
+
+    async def fill() -> None:
+        async with await SqliteQueue.open(config.queue.path) as queue:
+            await queue.add_tlsrpt_tallies(_tallies())
+            await queue.mark_tlsrpt_sent(DAY, "other.example", "rid", NOON)
+
+    asyncio.run(fill())
+    assert _show(config, "--json") == 0  # yesterday by default, from "now" the day after DAY
+    shown = json.loads(capsys.readouterr().out)
+    assert [(s["domain"], s["sent"]) for s in shown] == [("example.org", None), ("other.example", "rid")]
+    for s in shown:
+        jsonschema.validate(s["report"], SCHEMA)
+    assert shown[0]["report"] == build_report("example.org", DAY, _tallies(), organization="Example Sender",
+                                              contact="postmaster@mx.example.net",
+                                              report_id=report_id(DAY, "example.org", "mx.example.net"))
+    assert _show(config, "--date", DAY, "--domain", "Example.org.") == 0
+    text = capsys.readouterr().out
+    assert "example.org" in text and "not sent yet" in text and "other.example" not in text
+    assert "2 tlsa-invalid mx1.example.org[2001:db8::1]: DANE: no TLSA record matches" in text
+    assert _show(config, "--date", "2026-11-20") == 0
+    assert "no TLS sessions counted on 2026-11-20" in capsys.readouterr().out
+    assert _show(config, "--date", "28.11.2026") == 2
+    assert "YYYY-MM-DD" in capsys.readouterr().err
+
+
+def test_show_without_a_queue_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _show(_config(tmp_path)) == 2
+    assert "there is no queue" in capsys.readouterr().err
