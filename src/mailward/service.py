@@ -20,6 +20,7 @@ from mailward.delivery.local import LocalRecipients
 from mailward.inbound import InboundServices, Listener, LocalListener, LocalSocketError, local_socket_path
 from mailward.queue import QueueError
 from mailward.queue.sqlite import SqliteQueue
+from mailward.reports.tlsrpt import ReportResolver, ReportSender
 from mailward.tls import CertificateError, CertPair, ServerTls, demo_ca_path, make_demo_certificate
 
 log = logging.getLogger("mailward")
@@ -101,6 +102,7 @@ class Service:
         self.queue: SqliteQueue | None = None
         self.deliverer: Deliverer | None = None
         self.delivery_task: asyncio.Task[None] | None = None
+        self.tlsrpt_task: asyncio.Task[None] | None = None
         self.stopping = asyncio.Event()
 
     async def start(self) -> None:
@@ -160,6 +162,11 @@ class Service:
         self.listeners.append(local)
         log.info("listening: local on %s", local.path)
         self.delivery_task = asyncio.get_running_loop().create_task(self.deliverer.run())
+        if cfg.tlsrpt.enabled:
+            # The daily TLS reports (RFC 8460): queued as mail here, delivered by the Deliverer.
+            resolver = self.deliverer.resolver
+            sender = ReportSender(cfg, self.queue, resolver if isinstance(resolver, ReportResolver) else None)
+            self.tlsrpt_task = asyncio.get_running_loop().create_task(sender.run())
 
     def reload(self) -> None:
         """SIGHUP: new certificates for new connections; open ones keep theirs."""
@@ -176,6 +183,11 @@ class Service:
             listener.stop_accepting()
         await asyncio.gather(*(lst.drain(DRAIN_SECONDS) for lst in self.listeners))
         self.listeners.clear()
+        if self.tlsrpt_task is not None:
+            self.tlsrpt_task.cancel()  # an upload waiting for its retry is abandoned
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.tlsrpt_task
+            self.tlsrpt_task = None
         if self.deliverer is not None:
             # Attempts in flight finish (bounded) and leases are released before the queue closes.
             await self.deliverer.stop()

@@ -60,6 +60,7 @@ __all__ = [
     "build_report",
     "build_report_mail",
     "handshake_result_type",
+    "next_run_at",
     "parse_tlsrpt_record",
     "policy_for",
     "report_bytes",
@@ -643,24 +644,34 @@ class ReportSender:
 
     async def run(self) -> None:
         """Every day at tlsrpt.send_hour (UTC), send the previous day's reports; after a restart
-        past that hour, send what is still due at once."""
+        past that hour, send what is still due at once (reports already sent are not sent again)."""
         hour = self.config.tlsrpt.send_hour
+        log.info("TLS reports: each UTC day's reports are sent the next day at %02d:00 UTC", hour)
         while True:
-            now = datetime.fromtimestamp(self.clock(), UTC)
-            if now.hour >= hour:
-                yesterday = (now.date() - timedelta(days=1)).isoformat()
-                try:
-                    results = await self.send_day(yesterday)
-                    for domain, what in results.items():
-                        log.info("TLS report for %s (%s): %s", domain, yesterday, what)
-                    await self.queue.prune_tlsrpt((now.date() - timedelta(days=KEEP_DAYS)).isoformat())
-                except (QueueError, OSError) as exc:
-                    log.error("TLS reports for %s: %s", yesterday, exc)
-                nxt = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), UTC)
-            else:
-                nxt = datetime.combine(now.date(), datetime.min.time(), UTC)
-            nxt += timedelta(hours=hour)
-            await asyncio.sleep(max(1.0, nxt.timestamp() - self.clock()))
+            now = self.clock()
+            if datetime.fromtimestamp(now, UTC).hour >= hour:
+                await self.daily(now)
+            await asyncio.sleep(max(1.0, next_run_at(now, hour) - self.clock()))
+
+    async def daily(self, now: float) -> None:
+        """One daily run: yesterday's reports, then tallies too old to matter are dropped."""
+        today = datetime.fromtimestamp(now, UTC).date()
+        yesterday = (today - timedelta(days=1)).isoformat()
+        try:
+            for domain, what in (await self.send_day(yesterday)).items():
+                log.info("TLS report for %s (%s): %s", domain, yesterday, what)
+            await self.queue.prune_tlsrpt((today - timedelta(days=KEEP_DAYS)).isoformat())
+        except (QueueError, OSError) as exc:
+            log.error("TLS reports for %s: %s", yesterday, exc)
+
+
+def next_run_at(now: float, hour: int) -> float:
+    """The first `hour`:00 UTC after `now`."""
+    moment = datetime.fromtimestamp(now, UTC)
+    run = datetime.combine(moment.date(), datetime.min.time(), UTC) + timedelta(hours=hour)
+    if run <= moment:
+        run += timedelta(days=1)
+    return run.timestamp()
 
 
 class ReportUploadError(Exception):

@@ -31,6 +31,7 @@ from mailward.reports.tlsrpt import (
     build_report,
     build_report_mail,
     handshake_result_type,
+    next_run_at,
     parse_tlsrpt_record,
     policy_for,
     report_bytes,
@@ -406,3 +407,41 @@ def test_show_prints_what_would_be_sent(tmp_path: Path, capsys: pytest.CaptureFi
 def test_show_without_a_queue_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _show(_config(tmp_path)) == 2
     assert "there is no queue" in capsys.readouterr().err
+
+
+# --- the daily run --------------------------------------------------------------------------------
+
+
+def _at(text: str) -> float:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+
+@pytest.mark.parametrize(("now", "hour", "expected"), [
+    ("2026-11-28T00:30:00", 1, "2026-11-28T01:00:00"),
+    ("2026-11-28T01:00:00", 1, "2026-11-29T01:00:00"),  # exactly at the hour: that run is now
+    ("2026-11-28T23:59:59", 0, "2026-11-29T00:00:00"),
+    ("2026-12-31T05:00:00", 3, "2027-01-01T03:00:00"),
+])
+def test_next_run(now: str, hour: int, expected: str) -> None:
+    assert next_run_at(_at(now), hour) == _at(expected)
+
+
+def test_daily_run_sends_yesterday_and_forgets_old_days(tmp_path: Path) -> None:
+    resolver = _Txt({"_smtp._tls.example.org": (b"v=TLSRPTv1; rua=mailto:tls@example.org",)})
+
+    async def go() -> None:
+        async with await SqliteQueue.open(tmp_path / "q.db") as queue:
+            await queue.add_tlsrpt_tallies([TlsRptTally(DAY, "example.org", "no-policy-found"),
+                                            TlsRptTally("2026-11-29", "example.org", "no-policy-found"),
+                                            TlsRptTally("2026-10-01", "example.org", "no-policy-found")])
+            sender = ReportSender(_config(tmp_path), queue, resolver, retry_delays=())
+            await sender.daily(_at("2026-11-29T01:00:00"))
+            rid = report_id(DAY, "example.org", "mx.example.net")
+            assert await queue.tlsrpt_sent(DAY) == {"example.org": rid}
+            assert await queue.tlsrpt_sent("2026-11-29") == {}  # today is not over
+            assert await queue.load_tlsrpt_tallies("2026-10-01") == []
+            assert len(await queue.list()) == 1
+            await sender.daily(_at("2026-11-29T05:00:00"))  # a restart later that day: nothing twice
+            assert len(await queue.list()) == 1
+
+    asyncio.run(go())
