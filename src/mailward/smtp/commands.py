@@ -395,11 +395,18 @@ def _address_reply(err: AddressError) -> Reply:
     return Reply(err.code, err.enhanced, (err.text,))
 
 
+_ARG_VERBS = frozenset({"EHLO", "HELO", "MAIL", "RCPT", "BDAT", "AUTH", "VRFY"})
+
+
 def parse_command(line: bytes) -> Command:
     """Parse one command line (without its CRLF). Raises CommandError, never anything else."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
+        # A known verb with a broken argument is a bad argument (501), not an unknown command.
+        verb = line.split(b" ", 1)[0].decode("ascii", "replace").upper()
+        if b" " in line and verb in _ARG_VERBS:
+            raise CommandError(codes.SYNTAX, "argument is not valid UTF-8") from None
         raise CommandError(codes.UNRECOGNIZED, "command is not valid UTF-8") from None
     if _UNSAFE_ARG.search(text):
         raise CommandError(codes.BARE_LF_COMMAND, "control character in command")

@@ -372,7 +372,7 @@ class ServerConnection:
                 del buf[: len(buf) - keep]
                 if not self._skip_long_line:
                     self._skip_long_line = True
-                    self._error(codes.LINE_TOO_LONG, "command line too long")
+                    self._line_too_long()
             return False
         line = bytes(buf[:nl])
         del buf[: nl + 1]
@@ -386,15 +386,22 @@ class ServerConnection:
             return True
         line = line[:-1]
         if len(line) + 2 > limit:
-            self._error(codes.LINE_TOO_LONG, "command line too long")
-            if self._state is _State.AUTH:
-                self._state = _State.COMMAND
+            self._line_too_long()
             return True
         if self._state is _State.AUTH:
             self._auth_line(line)
         else:
             self._command(line)
         return True
+
+    def _line_too_long(self) -> None:
+        # RFC 4954 §4 has its own code for an AUTH response line; either way the exchange is over,
+        # also when the line is still arriving (the rest of it is skipped as a command line).
+        if self._state is _State.AUTH:
+            self._state = _State.COMMAND
+            self._error(codes.AUTH_LINE_TOO_LONG, "AUTH response line too long")
+        else:
+            self._error(codes.LINE_TOO_LONG, "command line too long")
 
     def _auth_line(self, line: bytes) -> None:
         self._state = _State.COMMAND

@@ -162,14 +162,36 @@ def test_starttls_twice_and_when_not_offered() -> None:
 
 def test_command_line_too_long_keeps_session_usable() -> None:
     _, out = session(EHLO + b"NOOP " + b"x" * 600 + b"\r\nNOOP\r\n")
-    assert codes_of(out)[-2:] == ["500 5.5.6", "250 2.0.0"]
+    assert codes_of(out)[-2:] == ["500 5.5.2", "250 2.0.0"]
     _events, out = session([EHLO, b"NOOP " + b"x" * 5000, b"y" * 5000, b"\r\nNOOP\r\n"])
-    assert codes_of(out)[-2:] == ["500 5.5.6", "250 2.0.0"]
+    assert codes_of(out)[-2:] == ["500 5.5.2", "250 2.0.0"]
+
+
+def test_auth_response_too_long_ends_the_exchange_with_its_own_code() -> None:
+    """RFC 4954 §4: 500 5.5.6 for an AUTH line over 12,288 octets, whether it arrives whole or in
+    pieces without a newline; afterwards the session reads commands again, not AUTH data."""
+    opts = ServerOptions(hostname="mx.test", auth_mechanisms=("PLAIN",))
+    for chunks in ([b"A" * 13000 + b"\r\n"], [b"A" * 8000, b"A" * 8000, b"A" * 8000, b"\r\n"]):
+        srv = ServerConnection(opts, tls_active=True)
+        srv.greet()
+        pump(srv, [EHLO])
+        srv.receive_data(b"AUTH PLAIN\r\n")
+        assert isinstance(srv.next_event(), AuthRequested)
+        srv.auth_challenge(b"")
+        events = pump(srv, [*chunks, b"NOOP\r\n"])
+        assert codes_of(srv.data_to_send())[-3:] == ["334", "500 5.5.6", "250 2.0.0"]
+        assert not any(isinstance(e, AuthResponse) for e in events)
+
+
+def test_invalid_utf8_argument_is_a_syntax_error_not_an_unknown_command() -> None:
+    _, out = session(EHLO + b"MAIL FROM:<a\xff@b.test> SMTPUTF8\r\nMAIL FROM:<a\xc3\x28@b.test>\r\n"
+                     b"NO\xffOP\r\nNOOP\r\n")
+    assert codes_of(out)[-4:] == ["501 5.5.4", "501 5.5.4", "500 5.5.2", "250 2.0.0"]
 
 
 def test_data_line_too_long() -> None:
     _, out = session(EHLO + TXN + b"a" * 999 + b"\r\n.\r\nNOOP\r\n")
-    assert codes_of(out)[-2:] == ["500 5.5.6", "250 2.0.0"]
+    assert codes_of(out)[-2:] == ["500 5.5.2", "250 2.0.0"]
     _events, out = session(EHLO + TXN + b"a" * 998 + b"\r\n.\r\n")
     assert codes_of(out)[-1] == "250 2.0.0"
     # A line that never ends is dropped piecewise: memory stays bounded.
