@@ -40,9 +40,12 @@ import asyncio
 import ipaddress
 import json
 import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mailward.config import Config, parse_next_hop
+from mailward.delivery import lookup_tlsa
 from mailward.delivery.dns import DnsPermanentError, DnsResolver, DnsTemporaryError, HostAddresses, NextHops
 from mailward.delivery.policy import (
     Candidate,
@@ -51,15 +54,15 @@ from mailward.delivery.policy import (
     Refusal,
     RouteFacts,
     SecurityLevel,
+    StsFacts,
     TlsaFacts,
     dane_unavailable,
     destination_for,
     literal_facts,
     plan,
-    tlsa_hosts,
 )
 
-__all__ = ["Lookups", "format_text", "inspect", "normalise_domain", "run"]
+__all__ = ["Lookups", "Survey", "format_text", "inspect", "normalise_domain", "run", "survey"]
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -114,9 +117,33 @@ def normalise_domain(text: str) -> str:
 # --- the report ------------------------------------------------------------------------------------
 
 
+# How `survey` gets MTA-STS facts for a destination, as the Deliverer does (`mtasts.sts_facts`).
+StsSource = Callable[[Destination, RouteFacts], Awaitable[StsFacts | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Survey:
+    """The report and the decision behind it, for `mailward check` to connect by."""
+
+    destination: Destination
+    report: dict[str, Any]
+    facts: RouteFacts | None = None  # None: no DNS facts (local, no resolver, or a failed lookup)
+    decision: Plan | None = None
+    tlsa: dict[str, TlsaFacts] = field(default_factory=dict)  # the TLSA lookups the plan consulted
+
+
 async def inspect(domain: str, config: Config, resolver: Lookups | None, *, no_dns: str | None = None,
                   resolvers: str = "", dnssec_trusted: bool = False) -> dict[str, Any]:
     """The report for `domain`. `resolver` None (with `no_dns` saying why) leaves DNS out."""
+    return (await survey(domain, config, resolver, no_dns=no_dns, resolvers=resolvers,
+                         dnssec_trusted=dnssec_trusted)).report
+
+
+async def survey(domain: str, config: Config, resolver: Lookups | None, *, no_dns: str | None = None,
+                 resolvers: str = "", dnssec_trusted: bool = False,
+                 sts: StsSource | None = None) -> Survey:
+    """As `inspect`, keeping the `Plan`. `sts` gives the MTA-STS facts as the Deliverer gets them
+    (`mtasts.sts_facts`); without it the plan leaves MTA-STS out."""
     dest = destination_for(domain, config)
     hop = dest.next_hop
     report: dict[str, Any] = {
@@ -132,15 +159,16 @@ async def inspect(domain: str, config: Config, resolver: Lookups | None, *, no_d
     if dest.kind == "local":
         report["dns"] = {"consulted": False, "reason": "local delivery makes no SMTP connection"}
         report["plan"] = None
-        return report
+        return Survey(dest, report)
     if hop is not None and hop.literal:
         report["dns"] = {"consulted": False, "reason": "an address literal needs no DNS"}
-        report["plan"] = _plan(plan(dest, literal_facts(dest)))
-        return report
+        decision = plan(dest, literal_facts(dest))
+        report["plan"] = _plan(decision)
+        return Survey(dest, report, literal_facts(dest), decision)
     if resolver is None:
         report["dns"] = {"consulted": False, "reason": no_dns or "no resolver"}
         report["plan"] = None
-        return report
+        return Survey(dest, report)
     dns: dict[str, Any] = {"consulted": True, "resolvers": resolvers, "dnssec_trusted": dnssec_trusted,
                            "error": None, "mx": None, "hosts": []}
     report["dns"] = dns
@@ -149,22 +177,25 @@ async def inspect(domain: str, config: Config, resolver: Lookups | None, *, no_d
     except DnsTemporaryError as exc:
         # An unreachable resolver and a SERVFAIL look alike from here, and to the Deliverer: it waits.
         report["dns"] = {"consulted": False, "reason": str(exc), "resolvers": resolvers}
-        report["plan"] = _plan(Plan(dest, refusal=Refusal(
-            False, exc.status, f"DNS lookup for {dest.lookup_name} failed: {exc}")))
-        return report
+        decision = Plan(dest, refusal=Refusal(
+            False, exc.status, f"DNS lookup for {dest.lookup_name} failed: {exc}"))
+        report["plan"] = _plan(decision)
+        return Survey(dest, report, decision=decision)
     if isinstance(facts_or_refusal, Refusal):
-        report["plan"] = _plan(Plan(dest, refusal=facts_or_refusal))
-        return report
+        decision = Plan(dest, refusal=facts_or_refusal)
+        report["plan"] = _plan(decision)
+        return Survey(dest, report, decision=decision)
     facts = facts_or_refusal
-    wanted = tlsa_hosts(dest, facts)
-    found = await asyncio.gather(*(resolver.tlsa(name, dest.port) for name in wanted))
-    tlsa = dict(zip(wanted, found, strict=True))
+    # The Deliverer's own lookup: the same hosts, and a failure counts as bogus.
+    tlsa = await lookup_tlsa(resolver, dest, facts) or {}
     for host, entry in zip(facts.hosts, dns["hosts"], strict=True):
         lookup = tlsa.get(host.name)
         entry["tlsa"] = None if lookup is None else _tlsa(lookup)
         entry["tlsa_skipped"] = None if lookup is not None else _why_no_tlsa(dest, facts, host)
-    report["plan"] = _plan(plan(dest, facts, tlsa=tlsa if dest.level in _DANE_LEVELS else None))
-    return report
+    sts_found = None if sts is None else await sts(dest, facts)
+    decision = plan(dest, facts, tlsa=tlsa if dest.level in _DANE_LEVELS else None, sts=sts_found)
+    report["plan"] = _plan(decision)
+    return Survey(dest, report, facts, decision, tlsa)
 
 
 _DANE_LEVELS = (SecurityLevel.DANE, SecurityLevel.DANE_ONLY)

@@ -34,6 +34,7 @@ from mailward.smtp.client import (
     CONNECTION_LOST,
     AuthChallenge,
     AuthCompleted,
+    Capabilities,
     ClientConnection,
     ClientEvent,
     ClientProtocolError,
@@ -59,6 +60,7 @@ __all__ = [
     "OutboundMessage",
     "RecipientOutcome",
     "Session",
+    "SessionTrace",
     "TlsOutcome",
     "enhanced_of",
 ]
@@ -185,6 +187,16 @@ class OutboundMessage:
 # --- the session ------------------------------------------------------------------------------------
 
 
+@dataclass(slots=True)
+class SessionTrace:
+    """What `Session.open` saw, for `mailward check` (delivery passes none): the session even when
+    opening failed, so its greeting, EHLO answer and TLS object can still be shown, and the
+    capabilities announced before STARTTLS, which the EHLO after it replaces."""
+
+    session: Session | None = None
+    before_tls: Capabilities | None = None
+
+
 class _Timeout(Exception):
     pass
 
@@ -224,8 +236,9 @@ class Session:
 
     @classmethod
     async def open(cls, candidate: Candidate, settings: AttemptSettings, *,
-                   plaintext: bool = False) -> Session:
-        """Connect and get ready for MAIL. `plaintext` skips STARTTLS (a `may` retry)."""
+                   plaintext: bool = False, trace: SessionTrace | None = None) -> Session:
+        """Connect and get ready for MAIL. `plaintext` skips STARTTLS (a `may` retry); `trace`
+        collects what the connection showed."""
         loop = asyncio.get_running_loop()
         where = candidate.relay
         try:
@@ -239,12 +252,16 @@ class Session:
         tls = candidate.tls
         session = cls(candidate, settings, stream,
                       ClientConnection(settings.helo_name, tls_active=False))
+        if trace is not None:
+            trace.session = session
         try:
             if tls.implicit:
                 await session._handshake(tls)
                 session.client = ClientConnection(settings.helo_name, tls_active=True)
             await session._greet()
             await session._ehlo()
+            if trace is not None:
+                trace.before_tls = session.client.capabilities
             if not tls.implicit and not plaintext:
                 await session._starttls(tls)
             elif plaintext:

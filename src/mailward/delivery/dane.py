@@ -38,8 +38,8 @@ from cryptography.x509.oid import NameOID
 
 from mailward.delivery.policy import TlsaRecord
 
-__all__ = ["DaneFailure", "DaneVerdict", "association_data", "effective_records", "name_matches",
-           "verify_chain"]
+__all__ = ["DaneFailure", "DaneVerdict", "association_data", "effective_records", "matching_data",
+           "name_matches", "verify_chain"]
 
 # The RFC 8460 result types a DANE failure is reported as.
 DaneFailure = Literal["validation-failure", "certificate-host-mismatch", "certificate-expired",
@@ -82,6 +82,12 @@ def association_data(cert: x509.Certificate, selector: int, matching_type: int) 
                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
     else:
         raise ValueError(f"unknown TLSA selector {selector}")
+    return matching_data(content, matching_type)
+
+
+def matching_data(content: bytes, matching_type: int) -> bytes:
+    """The selected content as a TLSA record of this matching type holds it (RFC 6698 §2.1.3); also
+    for a bare public key, whose record (selector 1) can be published before any certificate exists."""
     if matching_type == 0:
         return content
     if matching_type == 1:
