@@ -102,6 +102,12 @@ def cmd_policy(args: argparse.Namespace) -> int:
     return policytool.run(args, _config(args))
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from mailward import check  # DNS, TLS and rich: loaded only when asked
+
+    return check.run(args)
+
+
 def cmd_tlsa(args: argparse.Namespace) -> int:
     """Print the TLSA record that publishes a certificate for DANE (RFC 7671 §5 recommends 3 1 1)."""
     from cryptography import x509
@@ -208,6 +214,20 @@ def build_parser() -> argparse.ArgumentParser:
                       help="print one JSON object (schema: pydoc mailward.policytool)")
     show.add_argument("--no-dns", action="store_true", help="print the configured part only")
     show.set_defaults(func=cmd_policy)
+
+    check = sub.add_parser(
+        "check", parents=[common], help="a domain's mail transport security, as delivery would find it",
+        description="Looks up and connects to the mail hosts of DOMAIN as delivery would (EHLO, STARTTLS, "
+                    "EHLO, QUIT; never MAIL) and reports DNSSEC, DANE, MTA-STS, TLS-RPT, each host's TLS and "
+                    "the verdict. Exit status: 0 secure, 1 insecure, 2 would defer, 3 could not check.")
+    check.add_argument("domain", nargs="?", metavar="DOMAIN", help="recipient domain (or an address)")
+    check.add_argument("--json", action="store_true", help="one JSON object (schema: docs/check.md)")
+    check.add_argument("--host", help="with --port 465 or 587: a submission server to check instead")
+    check.add_argument("--port", type=int, help="465 or 587 with --host; with --self the TLSA port (25)")
+    check.add_argument("--ca-file", metavar="FILE", help="with --host: PEM CA certificates to trust")
+    check.add_argument("--self", dest="self_check", action="store_true",
+                       help="compare this server's certificates with the TLSA records of its names")
+    check.set_defaults(func=cmd_check)
 
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=lambda args: print(f"mailward {__version__}") or 0)

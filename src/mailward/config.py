@@ -359,6 +359,11 @@ class CertificateConfig:
         "PEM certificate chain, leaf first (certbot's fullchain.pem works)"))
     key: Path = field(metadata=setting(
         "PEM private key of that certificate (certbot's privkey.pem works)"))
+    # A Python default too, so code that builds a pair without a rollover in mind stays as it was.
+    next_key: Path | None = field(default=None, metadata=setting(
+        "PEM key (private or public) or certificate that will replace this one at a planned key rollover; "
+        "mailward check --self warns until the TLSA records of its names cover it as well, so both can "
+        "be published ahead of the switch", None))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1072,6 +1077,9 @@ def check_files(config: Config) -> None:
                         "a PEM certificate chain (certbot's fullchain.pem works)")
         _check_readable(pair.key, f"tls.certificates[{i}].key",
                         "the PEM private key (certbot's privkey.pem works)")
+        if pair.next_key is not None:
+            _check_readable(pair.next_key, f"tls.certificates[{i}].next_key",
+                            "the PEM key or certificate planned for the next rollover")
     state = config.state_dir
     try:
         state.mkdir(mode=0o750, parents=True, exist_ok=True)
