@@ -60,6 +60,10 @@ from dane_lab import (
 from sts_lab import ADDRESSES as STS_ADDRESSES
 from sts_lab import ZONE as STS_ZONE
 from sts_lab import dane_zone_records, sts_zone
+from tlsrpt_lab import ADDRESSES as TLSRPT_ADDRESSES
+from tlsrpt_lab import dane_zone_records as tlsrpt_dane_records
+from tlsrpt_lab import sts_zone_records as tlsrpt_sts_records
+from tlsrpt_lab import unsigned_zone_records as tlsrpt_unsigned_records
 
 RESOLVER_IP = "127.0.53.1"
 NSD_IP = "127.0.53.2"
@@ -183,15 +187,17 @@ def start_dnssec(root: Path) -> DnsLab:
     root.mkdir(parents=True, exist_ok=True)
     lab = DnsLab(root, resolver_port=_free_port(RESOLVER_IP, socket.SOCK_DGRAM),
                  nsd_port=_free_port(NSD_IP, socket.SOCK_DGRAM),
-                 smtp_port=_shared_port(LIVE, DEAD, SILENT, *ADDRESSES, *STS_ADDRESSES))
+                 smtp_port=_shared_port(LIVE, DEAD, SILENT, *ADDRESSES, *STS_ADDRESSES, *TLSRPT_ADDRESSES))
     lab.dane = make_certificates(root / "dane")
     anchors = [_signed(root, "secure.test", SECURE_ZONE),
                _signed(root, "bogus.test", BOGUS_ZONE, dates=("-i", "20200101", "-e", "20200201")),
-               _signed(root, SIGNED, signed_zone(lab.smtp_port, lab.dane, NSD_IP) + dane_zone_records(),
+               _signed(root, SIGNED, signed_zone(lab.smtp_port, lab.dane, NSD_IP) + dane_zone_records()
+                       + tlsrpt_dane_records(lab.smtp_port),
                        broken=(f"_{lab.smtp_port}._tcp.{BROKEN_TLSA_HOST}", "TLSA"))]
     (root / "insecure.test.zone").write_text(INSECURE_ZONE)
-    (root / f"{UNSIGNED}.zone").write_text(unsigned_zone(lab.smtp_port, NSD_IP))
-    (root / f"{STS_ZONE}.zone").write_text(sts_zone(NSD_IP))
+    (root / f"{UNSIGNED}.zone").write_text(unsigned_zone(lab.smtp_port, NSD_IP)
+                                           + tlsrpt_unsigned_records(lab.smtp_port))
+    (root / f"{STS_ZONE}.zone").write_text(sts_zone(NSD_IP) + tlsrpt_sts_records(lab.smtp_port))
     lab.system_resolver = _port53_address()
     if lab.system_resolver is not None:
         lab.resolv_conf = root / "resolv.conf"

@@ -1,0 +1,446 @@
+"""TLS reporting (RFC 8460) end to end: a day of real deliveries through the DNS lab, then the reports.
+
+A mailward delivers one message to destinations that give every kind of outcome (DANE verified
+and failed on two MX hosts of one domain, a bogus TLSA lookup, no STARTTLS, opportunistic TLS,
+MTA-STS enforced and verified, MTA-STS enforced with a certificate for another name, a policy
+fetch that fails). Its queue then holds the day's counts; the report sender builds the reports,
+queues the mailto: ones (which the restarted mailward delivers through the lab into a receiving
+mailward's Maildir) and POSTs the https: ones to an HTTPS sink with a certificate from a private
+CA. Every report that arrives is gunzipped and checked against the RFC 8460 schema
+(tests/data/tlsrpt-schema.json) and against what the deliveries did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import gzip
+import json
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import trustme
+from dane_lab import CLEAR, EE_SELF
+from dnssec import DnsLab
+from mailward_server import MailwardServer
+from sts_lab import PKIX, policy_names
+from test_delivery import Sink, deliveries, delivery_toml, message, submit_mx, wait_until
+from test_mtasts_delivery import PolicyServer
+from tlsrpt_lab import (
+    FLAKY_PATH,
+    INVALID,
+    MAILBOX,
+    REPORT_BOX,
+    REPORT_DOMAIN,
+    REPORT_PATH,
+    SINK,
+    SINK_NAME,
+    rua,
+)
+
+from mailward.config import load_config
+from mailward.delivery.dns import DnsResolver
+from mailward.queue import TlsRptTally
+from mailward.queue.sqlite import SqliteQueue
+from mailward.queuetool import QueueFile
+from mailward.reports.tlsrpt import ReportSender, utc_day
+
+SENDER = "sender@example.test"
+SCHEMA = json.loads((Path(__file__).parents[1] / "data" / "tlsrpt-schema.json").read_text())
+
+# Where each destination's mail ends up, as test_dane_delivery and test_mtasts_delivery establish.
+OUTCOMES = {
+    "fallback.dane.test": "sent",  # nomatch fails DANE, ee-self passes
+    "bogus.dane.test": "deferred",  # the TLSA lookup is bogus: no connection
+    "clear.unsigned.test": "sent",  # no STARTTLS: plaintext
+    "tls.unsigned.test": "sent",  # opportunistic TLS
+    "enforce-ok.sts.test": "sent",  # MTA-STS enforce, verified
+    "wildcard.sts.test": "deferred",  # MTA-STS enforce, the certificate names another host
+    "cached.sts.test": "sent",  # the policy fetch fails (HTTP 500): opportunistic
+    "testing.sts.test": "sent",  # its _smtp._tls record is not valid: no report
+    "nomatch-only.dane.test": "deferred",  # no _smtp._tls record: no report
+}
+
+
+# --- the HTTPS sink --------------------------------------------------------------------------------
+
+
+@dataclass
+class Upload:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class ReportSink:
+    """HTTP/1.1 over TLS on SINK: takes POSTs; the first POST to FLAKY_PATH gets a 503."""
+
+    context: ssl.SSLContext
+    port: int
+    uploads: list[Upload] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
+    _server: asyncio.Server | None = None
+    _thread: threading.Thread | None = None
+
+    def start(self) -> ReportSink:
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+
+        async def serve() -> None:
+            self._server = await asyncio.start_server(self._session, SINK, self.port, ssl=self.context)
+
+        asyncio.run_coroutine_threadsafe(serve(), self._loop).result(5)
+        return self
+
+    def stop(self) -> None:
+        async def close() -> None:
+            if self._server is not None:
+                self._server.close()
+                await self._server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        assert self._thread is not None
+        self._thread.join(5)
+        self._loop.close()
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            method, path, _ = head[0].split(" ", 2)
+            fields = (ln.partition(":") for ln in head[1:] if ln)
+            headers = {k.strip().lower(): v.strip() for k, _, v in fields}
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            if method != "POST":
+                status = 405
+            elif path == FLAKY_PATH and FLAKY_PATH not in self.refused:
+                self.refused.append(path)
+                status = 503
+            else:
+                self.uploads.append(Upload(path, headers, body))
+                status = 200
+            writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
+            await writer.drain()
+        except (OSError, ValueError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+
+# --- the receiving mailbox --------------------------------------------------------------------------
+
+
+class ReportMailbox(MailwardServer):
+    """A mailward whose local domain is REPORT_DOMAIN, delivering to state/mail/<box>/ (Maildir)."""
+
+    def config_text(self) -> str:
+        text = super().config_text()
+        assert 'local_domains = ["example.test"]' in text
+        return text.replace('local_domains = ["example.test"]', f'local_domains = ["{REPORT_DOMAIN}"]')
+
+    @property
+    def maildir(self) -> Path:
+        return self.state_dir / "mail" / REPORT_BOX
+
+    def delivered(self) -> list[bytes]:
+        new = self.maildir / "new"
+        return [p.read_bytes() for p in sorted(new.iterdir())] if new.is_dir() else []
+
+
+# --- the world ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class World:
+    lab: DnsLab
+    sender: MailwardServer
+    mailbox: ReportMailbox
+    sink: ReportSink
+    day: str
+    lines: dict[str, dict[str, str]]
+    tallies: list[TlsRptTally]  # the day's counts before any report was sent
+    tallies_after: list[TlsRptTally]  # and after the reports were delivered
+    results: dict[str, str]  # what send_day said per domain
+    again: dict[str, str]  # a second send_day for the same day
+    mails: dict[str, Any]  # report mails by domain, parsed
+    posts: dict[str, list[Upload]]  # uploads by policy domain
+
+    def report(self, domain: str, how: str) -> dict[str, Any]:
+        if how == "mailto":
+            return json.loads(gzip.decompress(self.mails[domain].get_payload()[1].get_content()))
+        (upload,) = self.posts[domain]
+        return json.loads(gzip.decompress(upload.body))
+
+
+def read_tallies(sender: MailwardServer, day: str) -> list[TlsRptTally]:
+    tallies, _ = QueueFile(sender.queue_path).tlsrpt(day, None)
+    return sorted(tallies, key=repr)
+
+
+def send_reports(sender: MailwardServer, day: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The daily run's work for `day`, done by the report sender against the stopped sender's queue
+    and the lab's resolver; then once more, which must send nothing."""
+    config = load_config(sender.config_path)
+
+    async def run() -> tuple[dict[str, str], dict[str, str]]:
+        queue = await SqliteQueue.open(config.queue.path)
+        try:
+            resolver = DnsResolver(config.dns.resolvers, timeout=config.dns.timeout)
+            reports = ReportSender(config, queue, resolver, retry_delays=(0.5, 0.5))
+            return await reports.send_day(day), await reports.send_day(day)
+        finally:
+            await queue.close()
+
+    return asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def world(dns_lab: DnsLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    lab, port, certs = dns_lab, dns_lab.smtp_port, dns_lab.dane
+    assert certs is not None
+    root = tmp_path_factory.mktemp("tlsrpt")
+    ca = trustme.CA(organization_name="mailward TLS-RPT lab")
+    ca_file = root / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+
+    def server_context(*names: str) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert(*names).configure_cert(context)
+        return context
+
+    mx = ca.issue_cert("mx-good.sts.test")
+    mx_cert, mx_key = root / "mx.pem", root / "mx.key"
+    for pem in mx.cert_chain_pems:
+        pem.write_to_path(str(mx_cert), append=True)
+    mx.private_key_pem.write_to_path(str(mx_key))
+    policies = PolicyServer(server_context(*policy_names()))
+    sink = ReportSink(server_context(SINK_NAME), port)
+    clear = Sink(root / "clear", host=CLEAR, port=port)
+    servers: list[MailwardServer] = []
+    relay = "relay_domains = [" + ", ".join(f'"{d}"' for d in OUTCOMES) + "]\n"
+    try:
+        try:
+            policies.start()
+        except PermissionError:
+            pytest.skip("port 443 on a loopback address needs root (RFC 8461 §3.3 allows no other port)")
+        sink.start()
+        clear.start()
+        pkix, selfsigned = ((mx_cert, mx_key),), ((certs.selfsigned.cert, certs.selfsigned.key),)
+        for name, address, pems in (("pkix", PKIX, pkix), ("selfsigned", EE_SELF, selfsigned)):
+            peer = MailwardServer(root / name, mx=port, address=address, extra_toml=relay, certificates=pems)
+            servers.append(peer)
+            peer.write_config()
+            peer.start()
+        mailbox = ReportMailbox(root / "mailbox", mx=port, address=MAILBOX, deliver=True)
+        servers.append(mailbox)
+        mailbox.write_config()
+        (mailbox.maildir).mkdir(parents=True)  # a mailbox made by the operator, without a login
+        sender = MailwardServer(root / "sender", deliver=True, extra_toml=delivery_toml(
+            relay=tuple(OUTCOMES), port=port, connect_timeout=3, command_timeout=5, retry_initial=3600)
+            + lab.dns_toml + f'[mta_sts]\nca_file = "{ca_file}"\nfetch_timeout = 3\n'
+            + f'[tlsrpt]\norganization = "mailward TLS-RPT lab"\nhttps_ca_file = "{ca_file}"\n'
+            + "send_hour = 0\n")
+        servers.append(sender)
+        sender.write_config()
+        mailbox.start()
+        sender.start()
+        rcpts = {f"rcpt@{d}" for d in OUTCOMES}
+        submit_mx(sender, SENDER, sorted(rcpts), message("tlsrpt1", sender=SENDER))
+
+        def logged() -> dict[str, dict[str, str]]:
+            return {d["rcpt"]: d for d in deliveries(sender)}
+
+        wait_until(lambda: rcpts <= set(logged()), timeout=40, what="a result for every destination")
+        lines = logged()
+        # Stopping flushes the counts still in memory; then the day's reports are made.
+        sender.stop()
+        day = utc_day(time.time())
+        tallies = read_tallies(sender, day)
+        results, again = send_reports(sender, day)
+        sender.start()
+        mailto = [d for d, r in rua(port).items() if "mailto:" in r]
+        wait_until(lambda: len(mailbox.delivered()) >= len(mailto), timeout=30, what="the mailed reports")
+        sender.stop()  # flush any count the reports' own delivery would (wrongly) have made
+        mails = {}
+        for raw in mailbox.delivered():
+            parsed = email.message_from_bytes(raw, policy=email.policy.default)
+            mails[str(parsed["TLS-Report-Domain"])] = parsed
+        posts: dict[str, list[Upload]] = {}
+        for upload in sink.uploads:
+            report = json.loads(gzip.decompress(upload.body))
+            posts.setdefault(report["policies"][0]["policy"]["policy-domain"], []).append(upload)
+        yield World(lab, sender, mailbox, sink, day, lines, tallies, read_tallies(sender, day), results,
+                    again, mails, posts)
+    finally:
+        for server in servers:
+            server.stop()
+        clear.stop()
+        if sink._server is not None:
+            sink.stop()
+        if policies._server is not None:
+            policies.stop()
+    for server in servers:
+        assert "Traceback" not in server.log(), server.log()
+
+
+# --- the deliveries the reports are about --------------------------------------------------------------
+
+@pytest.mark.parametrize("domain", OUTCOMES)
+def test_the_day_of_deliveries(world: World, domain: str) -> None:
+    assert world.lines[f"rcpt@{domain}"]["status"] == OUTCOMES[domain], world.lines[f"rcpt@{domain}"]
+
+
+# --- what arrived ------------------------------------------------------------------------------------------
+
+def test_every_report_arrives_where_the_record_says(world: World) -> None:
+    port = world.lab.smtp_port
+    wanted_mail = {d for d, r in rua(port).items() if "mailto:" in r}
+    wanted_post = {d for d, r in rua(port).items() if "https:" in r}
+    assert set(world.mails) == wanted_mail
+    assert set(world.posts) == wanted_post
+    assert all(len(ups) == 1 for ups in world.posts.values()), world.posts
+    for domain, ups in world.posts.items():
+        (up,) = ups
+        assert up.headers["content-type"] == "application/tlsrpt+gzip"
+        assert up.path == (FLAKY_PATH if domain == "wildcard.sts.test" else REPORT_PATH)
+        assert up.headers["host"] == f"{SINK_NAME}:{port}"
+    # the flaky endpoint refused the first try; the retry got through
+    assert world.sink.refused == [FLAKY_PATH]
+    for domain in (*INVALID, "nomatch-only.dane.test"):
+        assert world.results[domain].startswith("no reports wanted"), world.results
+
+
+@pytest.mark.parametrize("domain", sorted(rua(0)))
+def test_reports_validate_against_the_rfc_8460_schema(world: World, domain: str) -> None:
+    r = rua(world.lab.smtp_port)[domain]
+    for how in ("mailto", "https"):
+        if f"{how}:" in r:
+            report = world.report(domain, how)
+            jsonschema.validate(report, SCHEMA, format_checker=jsonschema.FormatChecker())
+            assert report["organization-name"] == "mailward TLS-RPT lab"
+            assert report["date-range"] == {"start-datetime": f"{world.day}T00:00:00Z",
+                                            "end-datetime": f"{world.day}T23:59:59Z"}
+            assert {p["policy"]["policy-domain"] for p in report["policies"]} == {domain}
+
+
+def test_report_mail_follows_rfc_8460_section_5_3(world: World) -> None:
+    for domain, msg in world.mails.items():
+        assert msg.get_content_type() == "multipart/report"
+        assert msg.get_param("report-type") == "tlsrpt"
+        assert msg["TLS-Report-Domain"] == domain
+        assert msg["TLS-Report-Submitter"] == "mx.example.test"
+        assert msg["TLS-Required"] == "No"
+        assert msg["From"] == "postmaster@mx.example.test"
+        rid = json.loads(gzip.decompress(msg.get_payload()[1].get_content()))["report-id"]
+        assert " ".join(str(msg["Subject"]).split()) == (
+            f"Report Domain: {domain} Submitter: mx.example.test Report-ID: <{rid}>")
+        attachment = msg.get_payload()[1]
+        assert attachment.get_content_type() == "application/tlsrpt+gzip"
+        name = attachment.get_filename()
+        assert name.startswith(f"mx.example.test!{domain}!") and name.endswith(".json.gz")
+        # The receiving mailward says how the report reached it: over STARTTLS, opportunistically.
+        assert "with ESMTPS" in str(msg["Received"])
+
+
+def test_mail_and_https_carry_the_same_report(world: World) -> None:
+    for domain in set(world.mails) & set(world.posts):
+        assert world.report(domain, "mailto") == world.report(domain, "https")
+
+
+# --- what the reports say ----------------------------------------------------------------------------------
+
+def _policies(world: World, domain: str) -> dict[tuple[str, tuple[str, ...]], dict[str, Any]]:
+    how = "mailto" if domain in world.mails else "https"
+    return {(p["policy"]["policy-type"], tuple(p["policy"].get("mx-host", []))): p
+            for p in world.report(domain, how)["policies"]}
+
+
+def _failures(entry: dict[str, Any]) -> list[tuple[str, str, int]]:
+    return [(f["result-type"], f.get("receiving-mx-hostname", ""), f["failed-session-count"])
+            for f in entry.get("failure-details", [])]
+
+
+def _summary(entry: dict[str, Any]) -> tuple[int, int]:
+    s = entry["summary"]
+    return s["total-successful-session-count"], s["total-failure-session-count"]
+
+
+def test_dane_failure_and_success_on_two_mx_hosts(world: World) -> None:
+    policies = _policies(world, "fallback.dane.test")
+    assert set(policies) == {("tlsa", ("nomatch.dane.test",)), ("tlsa", ("ee-self.dane.test",))}
+    failed, passed = policies["tlsa", ("nomatch.dane.test",)], policies["tlsa", ("ee-self.dane.test",)]
+    assert _summary(failed) == (0, 1) and _summary(passed) == (1, 0)
+    assert failed["policy"]["policy-string"] == [f"3 1 1 {'5A' * 32}"]
+    (detail,) = failed["failure-details"]
+    assert detail["result-type"] == "validation-failure"
+    assert detail["receiving-ip"] == EE_SELF
+    assert detail["sending-mta-ip"].startswith("127.")
+    assert "no TLSA record matches" in detail["failure-reason-code"]
+
+
+def test_bogus_tlsa_is_dnssec_invalid(world: World) -> None:
+    (entry,) = _policies(world, "bogus.dane.test").values()
+    assert entry["policy"]["policy-type"] == "tlsa"
+    assert _failures(entry) == [("dnssec-invalid", "bogus-tlsa.dane.test", 1)]
+    assert _summary(entry) == (0, 1)
+
+
+def test_no_starttls_and_opportunistic_tls(world: World) -> None:
+    (clear,) = _policies(world, "clear.unsigned.test").values()
+    assert clear["policy"] == {"policy-type": "no-policy-found", "policy-domain": "clear.unsigned.test"}
+    assert _failures(clear) == [("starttls-not-supported", "mx-clear.unsigned.test", 1)]
+    assert clear["failure-details"][0]["receiving-ip"] == CLEAR
+    (tls,) = _policies(world, "tls.unsigned.test").values()
+    assert tls["policy"]["policy-type"] == "no-policy-found"
+    assert _summary(tls) == (1, 0) and "failure-details" not in tls
+
+
+def test_mta_sts_success_and_enforce_failure(world: World) -> None:
+    (ok,) = _policies(world, "enforce-ok.sts.test").values()
+    assert ok["policy"]["policy-type"] == "sts" and ok["policy"]["mx-host"] == ["mx-good.sts.test"]
+    assert "mode: enforce" in ok["policy"]["policy-string"]
+    assert _summary(ok) == (1, 0)
+    (bad,) = _policies(world, "wildcard.sts.test").values()
+    assert bad["policy"]["mx-host"] == ["*.sts.test"]
+    assert _failures(bad) == [("certificate-host-mismatch", "mx-other.sts.test", 1)]
+    assert bad["failure-details"][0]["receiving-ip"] == PKIX
+
+
+def test_a_failed_policy_fetch_is_reported(world: World) -> None:
+    policies = _policies(world, "cached.sts.test")
+    fetch = policies["sts", ()]
+    assert [f["result-type"] for f in fetch["failure-details"]] == ["sts-policy-fetch-error"]
+    assert "HTTP 500" in fetch["failure-details"][0]["failure-reason-code"]
+    # Without a policy the mail went opportunistically, and that session is counted too.
+    assert _summary(policies["no-policy-found", ()]) == (1, 0)
+
+
+# --- counted once, sent once ----------------------------------------------------------------------------
+
+def test_reports_are_sent_once_and_their_own_delivery_is_not_counted(world: World) -> None:
+    assert world.again == {}
+    assert world.tallies_after == world.tallies
+    assert REPORT_DOMAIN not in {t.domain for t in world.tallies_after}
+    # the sender's log shows the reports leaving through its queue like any other mail
+    sent = [d for d in deliveries(world.sender) if d["rcpt"] == f"{REPORT_BOX}@{REPORT_DOMAIN}"]
+    assert len(sent) == len(world.mails) and all(d["status"] == "sent" for d in sent)
+
+
+def test_tlsrpt_show_prints_what_was_sent(world: World) -> None:
+    shown = json.loads(world.sender.cli("tlsrpt", "show", "--date", world.day, "--json").stdout)
+    by_domain = {s["domain"]: s for s in shown}
+    assert set(by_domain) == {t.domain for t in world.tallies}
+    for domain, upload in ((d, ups[0]) for d, ups in world.posts.items()):
+        assert by_domain[domain]["report"] == json.loads(gzip.decompress(upload.body))
+        assert by_domain[domain]["sent"] == by_domain[domain]["report"]["report-id"]
+    assert by_domain["testing.sts.test"]["sent"] is None
