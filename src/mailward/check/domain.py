@@ -5,6 +5,7 @@ address, the verdict delivery would reach and the common DANE and MTA-STS mistak
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -39,18 +40,48 @@ from mailward.delivery.policy import (
     dane_unavailable,
     sts_matches,
 )
+from mailward.queue import StsPolicyRecord, sqlite_store
 from mailward.reports.tlsrpt import TlsRptRecordError, select_tlsrpt_record
 
 # --- the domain ---------------------------------------------------------------------------------------
+
+
+class QueuedPolicies:
+    """The MTA-STS policies the server keeps in its queue database, read only: an unexpired cached
+    policy binds delivery (RFC 8461 §5.1) even where the TXT record is gone or a refresh fails, so
+    it binds the check too; what the check fetches is not stored, the server's state stays its own."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    async def load_sts_policy(self, domain: str) -> StsPolicyRecord | None:
+        def read() -> StsPolicyRecord | None:
+            if not self.path.is_file():
+                return None
+            try:
+                conn = sqlite3.connect(self.path.absolute().as_uri() + "?mode=ro", uri=True)
+            except sqlite3.Error:
+                return None
+            try:
+                return sqlite_store.load_sts_policy(conn, domain)
+            except sqlite3.Error:
+                return None  # no such table yet: an older or empty queue holds no policy
+            finally:
+                conn.close()
+
+        return await asyncio.to_thread(read)
+
+    async def save_sts_policy(self, policy: StsPolicyRecord) -> None:
+        return None
 
 
 class _RecordingSts(MtaSts):
     """The Deliverer's MtaSts, remembering each lookup so the report can show what was found."""
 
     def __init__(self, resolver: DnsResolver, config: Config) -> None:
-        # What `mtasts.for_delivery` builds, without the queue's cache: the check shows the policy
-        # published now (a running server may still hold an unexpired one it fetched before).
-        super().__init__(resolver, None, ca_file=config.mta_sts.ca_file, timeout=config.mta_sts.fetch_timeout)
+        # What `mtasts.for_delivery` builds for the Deliverer, over the queue's cache.
+        super().__init__(resolver, QueuedPolicies(config.queue.path), ca_file=config.mta_sts.ca_file,
+                         timeout=config.mta_sts.fetch_timeout)
         self.seen: dict[str, StsLookup] = {}
 
     async def lookup(self, domain: str, *, refetch: bool = False) -> StsLookup:

@@ -203,7 +203,7 @@ async def probe(candidate: Candidate, settings: AttemptSettings, *, ca_file: Pat
     chain: list[bytes] = []
     if seen is not None:
         greeting = seen.client.greeting
-        entry["connected"] = greeting is not None
+        entry["connected"] = True  # TCP; on 465 the handshake comes before any greeting
         entry["banner"] = None if greeting is None else " ".join(str(greeting).split())
         before = trace.before_tls
         entry["ehlo"] = _capabilities(before)
