@@ -548,6 +548,10 @@ class ReportSender:
             log.info("TLS report for %s (%s) not sent: %s", domain, day, exc)
             await self.queue.mark_tlsrpt_sent(day, domain, "", self.clock())
             return f"no reports wanted: {exc}"
+        # Claimed before anything goes out: a report is sent at most once per (day, domain), even by
+        # nodes sharing the queue, or after a restart while a failing upload was being retried.
+        if not await self.queue.mark_tlsrpt_sent(day, domain, rid, self.clock()):
+            return "already sent"
         gz = report_bytes(report)
         done: list[str] = []
         mailto = [a for a in record.mailto if _plausible_address(a)]
@@ -561,16 +565,15 @@ class ReportSender:
             try:
                 queued = await self._queue_mail(mail)
             except (QueueError, ValueError) as exc:
-                log.error("TLS report for %s (%s) could not be queued: %s", domain, day, exc)
-                return f"not queued: {exc}"
-            log.info("TLS report %s for %s queued as %s to %s", rid, domain, queued, ", ".join(mailto))
-            done.append(f"queued {queued} to {', '.join(mailto)}")
+                log.error("TLS report for %s (%s) could not be queued, and is not sent by mail: %s",
+                          domain, day, exc)
+                done.append(f"not queued: {exc}")
+            else:
+                log.info("TLS report %s for %s queued as %s to %s", rid, domain, queued, ", ".join(mailto))
+                done.append(f"queued {queued} to {', '.join(mailto)}")
         for url in record.https:
             uploads.append(_Upload(domain, url, gz))
             done.append(f"POST {url}")
-        # Recorded before the uploads finish: a report is sent at most once per (day, domain),
-        # even if a failing upload is still being retried when the service restarts.
-        await self.queue.mark_tlsrpt_sent(day, domain, rid, self.clock())
         return "; ".join(done) or "no usable rua"
 
     async def _queue_mail(self, mail: ReportMail) -> str:
