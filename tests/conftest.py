@@ -1,7 +1,8 @@
-"""The hostile-input summary printed at the end of `make test`.
+"""The hostile-input and fault summaries printed at the end of `make test`.
 
 Tests report their figures with `record_property("hostile", (name, tried, handled))` and other
-measurements as `record_property("hostile_note", text)` (see tests/integration/hostile.py). They
+measurements as `record_property("hostile_note", text)` (see tests/integration/hostile.py); the
+fault tests (tests/integration/test_faults_*.py) use "fault" and "fault_note" the same way. They
 travel in each test report, so they are summed here whichever process or directory ran the test.
 """
 
@@ -11,8 +12,19 @@ from typing import Any
 
 import pytest
 
+# property name of the counts -> (property name of the notes, section title)
+SECTIONS = {
+    "hostile": ("hostile_note", "hostile input: tried / handled"),
+    "fault": ("fault_note", "faults: tried / handled"),
+}
+
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    for kind, (note_kind, title) in SECTIONS.items():
+        _section(terminalreporter, kind, note_kind, title)
+
+
+def _section(terminalreporter: Any, kind: str, note_kind: str, title: str) -> None:
     figures: dict[str, list[int]] = {}
     notes: list[str] = []
     for reports in terminalreporter.stats.values():
@@ -20,9 +32,9 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
             if getattr(report, "when", None) != "call":
                 continue
             for name, value in getattr(report, "user_properties", ()):
-                if name == "hostile_note":  # a measured figure that is not a count, e.g. memory
+                if name == note_kind:  # a measured figure that is not a count, e.g. memory
                     notes.append(str(value))
-                if name != "hostile":
+                if name != kind:
                     continue
                 label, tried, handled = value
                 row = figures.setdefault(label, [0, 0])
@@ -31,7 +43,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if not figures and not notes:
         return
     width = max((len(label) for label in figures), default=0)
-    terminalreporter.section("hostile input: tried / handled")
+    terminalreporter.section(title)
     for label in sorted(figures):
         tried, handled = figures[label]
         mark = "" if tried == handled else "   <-- NOT ALL HANDLED"
