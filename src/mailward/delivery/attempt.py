@@ -286,6 +286,7 @@ class Session:
                                tls=self.tls) from None
         if isinstance(ev, GreetingReceived):
             if ev.reply.code == 220:
+                self._check_alive("greeting")
                 return
             await self._quit()
             # RFC 5321 §3.1: 554 (or 421) here means "no service"; another MX may give it.
@@ -307,6 +308,7 @@ class Session:
         self.client.ehlo()
         ev = await self._command_event("EHLO")
         if isinstance(ev, EhloCompleted):
+            self._check_alive("EHLO")
             return
         if isinstance(ev, EhloRefused):
             await self._quit()
@@ -594,6 +596,14 @@ class Session:
         if isinstance(ev, ServerClosed | ClientProtocolError):
             raise self._broken(ev, command)
         return ev
+
+    def _check_alive(self, during: str) -> None:
+        """Replies the server sent unasked in the same read as the one awaited (response
+        injection) have already ended the engine's session: report that as the attempt's failure
+        instead of issuing the next command on a closed session."""
+        if self.client.closed:
+            ev = self.client.next_event()
+            raise self._broken(ev if ev is not None else ServerClosed(None), during)
 
     def _broken(self, ev: ClientEvent, during: str) -> AttemptError:
         self.abort()
