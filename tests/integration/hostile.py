@@ -145,9 +145,13 @@ class RawSink:
             t.start()
 
     def _serve(self, conn: socket.socket) -> None:
+        wire = _Wire(conn, self._stop)
         with contextlib.suppress(OSError), conn:
             conn.settimeout(0.2)
-            self._session(_Wire(conn, self._stop))
+            try:
+                self._session(wire)
+            finally:
+                wire.sock.close()  # the TLS socket, if STARTTLS replaced the plain one
 
     def _session(self, wire: _Wire) -> None:
         wire.send(b"220 sink.test ESMTP\r\n" + self.greeting_suffix)
