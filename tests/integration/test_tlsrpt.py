@@ -64,8 +64,9 @@ OUTCOMES = {
     "tls.unsigned.test": "sent",  # opportunistic TLS
     "enforce-ok.sts.test": "sent",  # MTA-STS enforce, verified
     "wildcard.sts.test": "deferred",  # MTA-STS enforce, the certificate names another host
+    "enforce-bad.sts.test": "deferred",  # MTA-STS enforce, the only MX is not listed: no connection
     "cached.sts.test": "sent",  # the policy fetch fails (HTTP 500): opportunistic
-    "testing.sts.test": "sent",  # its _smtp._tls record is not valid: no report
+    "testing.sts.test": "sent",  # MTA-STS testing, wrong name; its _smtp._tls record is not valid
     "nomatch-only.dane.test": "deferred",  # no _smtp._tls record: no report
 }
 
@@ -414,6 +415,22 @@ def test_mta_sts_success_and_enforce_failure(world: World) -> None:
     assert bad["policy"]["mx-host"] == ["*.sts.test"]
     assert _failures(bad) == [("certificate-host-mismatch", "mx-other.sts.test", 1)]
     assert bad["failure-details"][0]["receiving-ip"] == PKIX
+
+
+def test_an_mx_host_the_enforced_policy_does_not_list(world: World) -> None:
+    (entry,) = _policies(world, "enforce-bad.sts.test").values()
+    assert entry["policy"]["policy-type"] == "sts" and entry["policy"]["mx-host"] == ["mx-good.sts.test"]
+    assert _failures(entry) == [("validation-failure", "mx-other.sts.test", 1)]
+
+
+def test_testing_mode_counts_what_enforce_would_refuse(world: World) -> None:
+    # No report goes out (the record is not valid), but the count is kept: delivered, yet failed.
+    # Its policy lists mx-good.sts.test; the MX is mx-other.sts.test (whose certificate names
+    # mx-good too): the first thing enforce would refuse is the host itself.
+    (tally,) = [t for t in world.tallies if t.domain == "testing.sts.test"]
+    assert (tally.policy_type, tally.result_type, tally.receiving_mx, tally.count) == (
+        "sts", "validation-failure", "mx-other.sts.test", 1)
+    assert tally.reason_code == "mx-other.sts.test is not listed in the MTA-STS policy"
 
 
 def test_a_failed_policy_fetch_is_reported(world: World) -> None:

@@ -40,6 +40,7 @@ def rua(port: int) -> dict[str, str]:
         "tls.unsigned.test": https(port),
         "enforce-ok.sts.test": https(port),
         "wildcard.sts.test": f"{mailto()},{https(port, FLAKY_PATH)}",
+        "enforce-bad.sts.test": mailto(),
         "cached.sts.test": mailto(),
     }
 

@@ -63,6 +63,7 @@ from mailward.delivery.policy import (
     destination_for,
     literal_facts,
     plan,
+    sts_matches,
     tlsa_hosts,
 )
 from mailward.queue import (
@@ -79,7 +80,14 @@ from mailward.queue import (
     TlsVerdict,
 )
 from mailward.reports.dsn import Action, RecipientReport, build_dsn, returns_whole_message, wanted
-from mailward.reports.tlsrpt import ReportPolicy, TlsReporter, TlsRptStore, policy_for
+from mailward.reports.tlsrpt import (
+    ReportPolicy,
+    TlsReporter,
+    TlsRptStore,
+    policy_for,
+    policy_for_sts,
+    sts_testing_failure,
+)
 
 __all__ = [
     "DeadHosts",
@@ -856,7 +864,7 @@ class Deliverer:
                     self._tally(decision, candidate, exc.tls, exc.local_ip)
             else:
                 if report:
-                    self._tally(decision, candidate, session.tls, session.local_ip)
+                    self._tally(decision, candidate, session.tls, session.local_ip, session.peer_chain)
                 return session
             log.info("%s: %s", decision.destination.key, error.reply)
             if error.dead:
@@ -885,21 +893,34 @@ class Deliverer:
         raise _NoHost(f"4.4.1 all mail hosts were unreachable recently, not retried yet: {names}",
                       TlsOutcome())
 
-    def _tally(self, decision: Plan, candidate: Candidate, tls: TlsOutcome, local_ip: str | None) -> None:
+    def _tally(self, decision: Plan, candidate: Candidate, tls: TlsOutcome, local_ip: str | None,
+               chain: Sequence[bytes] = ()) -> None:
         """Count one new TLS session for TLS reporting; reused connections were counted when opened."""
         if self.tlsrpt is None or not (tls.active or tls.result_type):
             return  # no TLS was tried: a refused connection or a plaintext level is no TLS session
         domain = decision.destination.domain
-        self.tlsrpt.session(domain, policy_for(candidate, self.tlsrpt.sts(domain)), tls.result_type,
-                            mx_host=candidate.host, receiving_ip=candidate.address, sending_ip=local_ip or "",
-                            reason=tls.failure or "")
+        sts = self.tlsrpt.sts(domain)
+        policy = policy_for(candidate, sts)
+        result, reason = tls.result_type, tls.failure or ""
+        if result is None and policy.type == "sts" and sts is not None and sts.policy is not None \
+                and sts.policy.mode == "testing":
+            # RFC 8461 §5: a testing policy delivers anyway, and reports what enforce would refuse.
+            found = sts_testing_failure(sts.policy.mx, candidate.host, chain, self.config.mta_sts.ca_file)
+            if found is not None:
+                result, reason = found
+        self.tlsrpt.session(domain, policy, result, mx_host=candidate.host, receiving_ip=candidate.address,
+                            sending_ip=local_ip or "", reason=reason)
 
     def _tally_unusable(self, destination: Destination, facts: RouteFacts,
                         tlsa: Mapping[str, TlsaFacts] | None, decision: Plan) -> None:
-        """Count the MX hosts DANE ruled out before any connection (RFC 8460 §4.3.2.1): a failed or
-        bogus TLSA lookup (dnssec-invalid), or no secure TLSA records at level dane-only."""
+        """Count the MX hosts ruled out before any connection: a failed or bogus TLSA lookup
+        (dnssec-invalid), no secure TLSA records at level dane-only (dane-required), or a host an
+        enforced MTA-STS policy does not list (validation-failure, RFC 8461 §4.1)."""
         if self.tlsrpt is None:
             return
+        sts = self.tlsrpt.sts(destination.domain)
+        enforced = sts.policy.mx if sts is not None and sts.policy is not None \
+            and sts.policy.mode == "enforce" and destination.level is SecurityLevel.DANE else None
         planned = {c.host for c in decision.candidates}
         for host in facts.hosts:
             if host.name in planned:
@@ -912,6 +933,10 @@ class Deliverer:
             elif destination.level is SecurityLevel.DANE_ONLY and (found is None or not found.usable):
                 self.tlsrpt.session(destination.domain, policy, "dane-required", mx_host=host.name,
                                     reason="level dane-only and no usable DNSSEC-secure TLSA records")
+            elif sts is not None and enforced is not None and not any(sts_matches(p, host.name)
+                                                                      for p in enforced):
+                self.tlsrpt.session(destination.domain, policy_for_sts(sts), "validation-failure",
+                                    mx_host=host.name, reason="not listed in the MTA-STS policy")
 
     async def _send_over(self, session: Session, pending: deque[_Job]) -> None:
         relay = session.candidate.relay

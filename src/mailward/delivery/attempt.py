@@ -229,6 +229,7 @@ class Session:
         self.tls: TlsOutcome = PLAINTEXT
         self.messages = 0
         self.opened_at = time.monotonic()
+        self.peer_chain: tuple[bytes, ...] = ()  # as the peer sent it, for TLS reporting's checks
         sockname = stream.transport.get_extra_info("sockname") if stream.transport is not None else None
         self.local_ip: str | None = str(sockname[0]) if isinstance(sockname, tuple) else None
 
@@ -366,6 +367,7 @@ class Session:
                                tls=TlsOutcome(failure=why, result_type=handshake_result_type(exc))) from None
         facts = tls_facts(sslobj)
         chain = peer_chain(sslobj)
+        self.peer_chain = tuple(chain)
         dane: str | None = None
         if tls.verify == "dane":
             verdict = verify_chain(tls.tlsa, chain, tls.dane_names)

@@ -33,6 +33,7 @@ from datetime import UTC, date, datetime, timedelta
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, get_args, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
@@ -66,6 +67,7 @@ __all__ = [
     "report_bytes",
     "report_id",
     "select_tlsrpt_record",
+    "sts_testing_failure",
     "utc_day",
 ]
 
@@ -314,6 +316,41 @@ class TlsReporter:
         if self._flushing:
             await asyncio.gather(*self._flushing, return_exceptions=True)
         await self.flush()
+
+
+def sts_testing_failure(mx: Sequence[str], host: str, chain: Sequence[bytes], ca_file: Path | None,
+                        now: datetime | None = None) -> tuple[ResultType, str] | None:
+    """What an enforced MTA-STS policy would have refused in a session held to a `testing` one
+    (RFC 8461 §5: delivered anyway, and reported): an MX host the policy does not list (§4.1), or a
+    certificate that is not valid for the host under the Web PKI (§4.2). None when it would pass."""
+    from cryptography import x509
+
+    from mailward.delivery.dane import name_matches
+    from mailward.delivery.policy import sts_matches
+    from mailward.tls import chain_trusted
+
+    if not any(sts_matches(pattern, host) for pattern in mx):
+        return "validation-failure", f"{host} is not listed in the MTA-STS policy"
+    if not chain:
+        return "certificate-not-trusted", "the server sent no certificate"
+    try:
+        leaf = x509.load_der_x509_certificate(chain[0])
+    except ValueError:
+        return "validation-failure", "the server's certificate cannot be parsed"
+    moment = now or datetime.now(UTC)
+    if not leaf.not_valid_before_utc <= moment <= leaf.not_valid_after_utc:
+        return "certificate-expired", f"the certificate is valid from {leaf.not_valid_before_utc:%Y-%m-%d} " \
+                                      f"to {leaf.not_valid_after_utc:%Y-%m-%d}"
+    if not chain_trusted(chain, ca_file):
+        return "certificate-not-trusted", "the certificate does not chain to a trusted CA"
+    try:
+        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
+            .get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        names = []
+    if not any(name_matches(n, host) for n in names):
+        return "certificate-host-mismatch", f"the certificate does not name {host}"
+    return None
 
 
 def policy_for_sts(lookup: StsLookup) -> ReportPolicy:

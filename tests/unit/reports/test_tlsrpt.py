@@ -13,6 +13,9 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from mailward import tlsrpttool
 from mailward.config import Config, config_from_dict
@@ -37,6 +40,7 @@ from mailward.reports.tlsrpt import (
     report_bytes,
     report_id,
     select_tlsrpt_record,
+    sts_testing_failure,
 )
 
 # --- the _smtp._tls record (§3) -------------------------------------------------------------------
@@ -445,3 +449,29 @@ def test_daily_run_sends_yesterday_and_forgets_old_days(tmp_path: Path) -> None:
             assert len(await queue.list()) == 1
 
     asyncio.run(go())
+
+
+# --- MTA-STS testing: what enforce would have refused (RFC 8461 §5) -------------------------------
+
+
+def test_sts_testing_failures(tmp_path: Path) -> None:
+    ca, other = trustme.CA(), trustme.CA()
+    ca_file, other_file = tmp_path / "ca.pem", tmp_path / "other.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    other.cert_pem.write_to_path(str(other_file))
+    leaf = ca.issue_cert("mx1.example.org")
+    chain = [x509.load_pem_x509_certificate(p.bytes()).public_bytes(serialization.Encoding.DER)
+             for p in leaf.cert_chain_pems]
+    mx = ("*.example.org",)
+    assert sts_testing_failure(mx, "mx1.example.org", chain, ca_file) is None
+    assert sts_testing_failure(mx, "mx1.example.net", chain, ca_file) == (
+        "validation-failure", "mx1.example.net is not listed in the MTA-STS policy")
+    assert sts_testing_failure(mx, "mx2.example.org", chain, ca_file) == (
+        "certificate-host-mismatch", "the certificate does not name mx2.example.org")
+    assert sts_testing_failure(mx, "mx1.example.org", chain, other_file) == (
+        "certificate-not-trusted", "the certificate does not chain to a trusted CA")
+    assert sts_testing_failure(mx, "mx1.example.org", [], ca_file) == (
+        "certificate-not-trusted", "the server sent no certificate")
+    later = datetime(9000, 1, 1, tzinfo=UTC)  # trustme certificates last for centuries
+    expired = sts_testing_failure(mx, "mx1.example.org", chain, ca_file, now=later)
+    assert expired is not None and expired[0] == "certificate-expired"
