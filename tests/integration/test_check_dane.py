@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from test_dane_delivery import CASES, Case, World, posttls_finger
 from test_dane_delivery import world as dane_world  # noqa: F401  (the fixture, under its own name)
+from tlsrpt_lab import rua
 
 
 def run_check(world: World, *args: str) -> tuple[int, Any]:
@@ -111,3 +112,13 @@ def test_text_report(dane_world: World) -> None:  # noqa: F811
     assert "selfsigned.dane.test: SECURE" in out
     assert "MX 10 ee-self.dane.test: Verified" in out
     assert "DANE-EE SPKI SHA2-256; usable" in out
+
+
+def test_tlsrpt_records(dane_world: World, checks: dict[str, tuple[int, Any]]) -> None:  # noqa: F811
+    published = rua(dane_world.lab.smtp_port)
+    for case in CASES:
+        tlsrpt = checks[case.domain][1]["tlsrpt"]
+        if case.domain in published:
+            assert (tlsrpt["rua"], tlsrpt["error"]) == (published[case.domain].split(","), None), tlsrpt
+        else:
+            assert tlsrpt["rua"] == [] and tlsrpt["error"] == "no TXT record starts with v=TLSRPTv1", tlsrpt

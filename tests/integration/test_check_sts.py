@@ -8,9 +8,10 @@ import json
 from typing import Any
 
 import pytest
-from test_check import delivery_verdict
+from test_check_dane import delivery_verdict
 from test_mtasts_delivery import CASES, Case, World
 from test_mtasts_delivery import world as sts_world  # noqa: F401  (the fixture, under its own name)
+from tlsrpt_lab import INVALID, rua
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +53,14 @@ def test_policy_and_pattern_details(checks: dict[str, Any]) -> None:
     # The cached enforce policy in the sender's queue still binds, as it did for delivery.
     _, cached = checks["cached.sts.test"]
     assert cached["mta_sts"]["from_cache"] is True and cached["mta_sts"]["policy"]["mode"] == "enforce"
+
+
+def test_tlsrpt_records(sts_world: World, checks: dict[str, Any]) -> None:  # noqa: F811
+    published = rua(sts_world.lab.smtp_port)
+    for case in CASES:
+        tlsrpt = checks[case.domain][1]["tlsrpt"]
+        if case.domain in published:
+            assert tlsrpt["rua"] == published[case.domain].split(","), tlsrpt
+        elif case.domain in INVALID:
+            assert tlsrpt["rua"] == [] and "more than one rua" in tlsrpt["error"], tlsrpt
+            assert tlsrpt["records"] == [INVALID[case.domain]]

@@ -16,9 +16,10 @@ from cryptography.hazmat.primitives import serialization
 from rich.console import Console
 
 from mailward.check import EXIT_STATUS, exit_status, render, run
+from mailward.check.domain import dane_findings
 from mailward.check.parts import describe_certificate, describe_record
 from mailward.delivery.dane import association_data
-from mailward.delivery.policy import TlsaRecord
+from mailward.delivery.policy import Destination, TlsaFacts, TlsaRecord
 
 
 def leaf() -> x509.Certificate:
@@ -109,3 +110,16 @@ def test_a_check_that_cannot_run_says_so_in_one_sentence(tmp_path: Path,
     assert out["verdict"] == "error"
     missing = argparse.Namespace(**{**vars(args), "config": str(tmp_path / "none.toml")})
     assert run(missing) == 3
+
+
+def test_a_dane_ta_chain_without_its_anchor_is_called_out() -> None:
+    cert = leaf()
+    anchor = TlsaRecord(2, 0, 1, bytes(32))
+    entry = {"relay": "mx.example.org[192.0.2.7]:25", "dane": {"verified": False, "reason": "no match"},
+             "certificates": [describe_certificate(cert.public_bytes(serialization.Encoding.DER), 0,
+                                                   (anchor,))]}
+    found: dict[str, Any] = {"findings": []}
+    dane_findings(found, {"name": "mx.example.org"}, entry, TlsaFacts("secure", (anchor,), "mx.example.org"),
+                   Destination(key="mx:example.org", kind="mx", domain="example.org"))
+    (finding,) = found["findings"]
+    assert finding["severity"] == "error" and "sends only its own certificate" in finding["text"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,11 @@ def exit_status(report: dict[str, Any]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Delivery's parts log what they meet (a failed MTA-STS fetch, an off-loopback resolver); the
+    # report names all of it, so those lines would only repeat it on stderr.
+    logger = logging.getLogger("mailward")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
     try:
         config = load_config(Path(args.config) if args.config else None)
         report = asyncio.run(_run(args, config))
@@ -58,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"mailward: {exc}", file=sys.stderr)
         return EXIT_STATUS["error"]
+    finally:
+        logger.setLevel(level)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

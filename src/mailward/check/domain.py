@@ -258,7 +258,7 @@ async def _check_host(report: dict[str, Any], host: dict[str, Any], dest: Destin
     host["reason"] = (f"delivery would use it: {chosen['outcome']}" if chosen["accepted"]
                       else f"delivery would not use it: {chosen['error']}")
     for entry in host["connections"]:
-        _dane_findings(report, host, entry, lookup, dest)
+        dane_findings(report, host, entry, lookup, dest)
 
 
 async def _unused_tlsa(report: dict[str, Any], host: dict[str, Any], dest: Destination, facts: RouteFacts,
@@ -279,7 +279,7 @@ async def _unused_tlsa(report: dict[str, Any], host: dict[str, Any], dest: Desti
                          f"because {why} (RFC 7672 §2.2); sign the zone or remove the records", name)
 
 
-def _dane_findings(report: dict[str, Any], host: dict[str, Any], entry: dict[str, Any],
+def dane_findings(report: dict[str, Any], host: dict[str, Any], entry: dict[str, Any],
                    lookup: TlsaFacts | None, dest: Destination) -> None:
     dane = entry["dane"]
     if dane is None or dane["verified"] or lookup is None:

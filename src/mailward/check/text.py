@@ -89,8 +89,9 @@ def _render_host(host: dict[str, Any]) -> list[str]:
     from rich.markup import escape as e
 
     verdict = host.get("verdict", "Unreachable")
-    lines = [f"[bold]MX {host['preference']} {e(host['name'])}[/]: [{_HOST_STYLE[verdict]}]{verdict}[/]"
-             f" - {e(str(host.get('reason', '')))}"]
+    lines = [f"[bold]MX {host['preference']} {e(host['name'])}[/]: [{_HOST_STYLE[verdict]}]{verdict}[/]"]
+    if not any(c["accepted"] for c in host.get("connections", [])):
+        lines.append(f"  {e(str(host.get('reason', '')))}")
     if "dnssec" in host:
         lines.append(f"  addresses {e(', '.join(host['addresses']) or 'none')} ({_status(host['dnssec'])})")
     tlsa = host.get("tlsa")
@@ -135,8 +136,11 @@ def _render_host(host: dict[str, Any]) -> list[str]:
             d = c["dane"]
             state = "[green]verified[/]" if d["verified"] else "[red]failed[/]"
             lines.append(f"      DANE: {state}: {e(d['reason'])}")
-        result = c["outcome"] if c["accepted"] else c["error"]
-        lines.append(f"      -> [{_HOST_STYLE[c['verdict']]}]{c['verdict']}[/] {e(str(result))}")
+        style = _HOST_STYLE[c["verdict"]]
+        if c["accepted"]:  # delivery's own summary starts with the verdict word ("plaintext" aside)
+            lines.append(f"      -> [{style}]{e(str(c['outcome']))}[/]")
+        else:
+            lines.append(f"      -> [{style}]{c['verdict']}[/], not used: {e(str(c['error']))}")
     return lines
 
 
