@@ -1,5 +1,5 @@
 """Bounded atheris runs of the fuzz targets (fuzz/fuzz_server.py, fuzz/fuzz_client.py for the engine,
-fuzz/fuzz_mtasts.py for the MTA-STS parsers).
+fuzz/fuzz_mtasts.py for the MTA-STS parsers, fuzz/fuzz_tlsrpt.py for the TLS-RPT record).
 
 Each target runs in its own process for MAILWARD_FUZZ_SECONDS (default 30; `make fuzz` uses 600)
 on a temporary copy of its seed corpus, so the run never changes the repository. Any crash,
@@ -74,7 +74,7 @@ def report(output: str) -> str:
 
 @pytest.mark.fuzz
 @pytest.mark.timeout(SECONDS + 2 * GRACE)
-@pytest.mark.parametrize("name", ["server", "client", "mtasts"])
+@pytest.mark.parametrize("name", ["server", "client", "mtasts", "tlsrpt"])
 def test_fuzz_target_finds_nothing(name: str, tmp_path: Path) -> None:
     code, output = run_target(name, tmp_path)
     runs = executions(output)
