@@ -692,6 +692,9 @@ class Deliverer:
             final = any(self.clock() - j.work.message.created_at >= self.dc.max_lifetime - self.dc.retry_max
                         for j in jobs)
             sts = await sts_facts(self.mta_sts, self.config, destination, facts_or_refusal, final=final)
+            if self.tlsrpt is not None:
+                self.tlsrpt.sts_failure(destination.domain,
+                                        count=not all(j.work.message.envelope.tlsrpt for j in jobs))
         # REQUIRETLS messages get their own plan and their own connections: a connection chosen
         # for opportunistic TLS must never carry them (maddy calls this pool poisoning). So do
         # messages marked "TLS-Required: No", whose plan leaves the destination's policy aside.

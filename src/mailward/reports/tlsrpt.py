@@ -252,18 +252,26 @@ class TlsReporter:
         self.flush_delay = flush_delay
         self._pending: dict[TlsRptTally, int] = {}
         self._sts: dict[str, StsLookup] = {}
+        self._failed_fetch: dict[str, StsLookup] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: set[asyncio.Task[None]] = set()
 
     # --- what the Deliverer and MtaSts report ---
 
     def sts_lookup(self, lookup: StsLookup) -> None:
-        """An MTA-STS lookup finished: remember the policy for the sessions that follow, and count
-        a failed fetch (§4.3.2.2) against the domain."""
+        """An MTA-STS lookup finished (MtaSts.observer): remember the policy for the sessions that
+        follow; a failed fetch waits for `sts_failure` to say whether it counts."""
         self._sts[lookup.domain] = lookup
         if lookup.failure is not None:
-            policy = policy_for_sts(lookup)
-            self._add(lookup.domain, policy, lookup.failure, reason=lookup.detail)
+            self._failed_fetch[lookup.domain] = lookup
+
+    def sts_failure(self, domain: str, *, count: bool) -> None:
+        """The Deliverer consulted `domain`'s policy: count a fetch that failed meanwhile (§4.3.2.2),
+        unless the lookup was made only for our own reports (`count` False), which must not report
+        on themselves."""
+        lookup = self._failed_fetch.pop(domain, None)
+        if lookup is not None and lookup.failure is not None and count:
+            self._add(domain, policy_for_sts(lookup), lookup.failure, reason=lookup.detail)
 
     def sts(self, domain: str) -> StsLookup | None:
         return self._sts.get(domain)

@@ -176,6 +176,10 @@ def test_reporter_counts_sessions_per_day_and_detail(tmp_path: Path) -> None:
             await asyncio.sleep(0.05)  # the timer writes the batch
             assert len(await queue.load_tlsrpt_tallies(DAY)) == 2
             reporter.sts_lookup(StsLookup("example.net", failure="sts-policy-invalid", detail="bad mode"))
+            reporter.sts_failure("example.net", count=True)
+            reporter.sts_failure("example.net", count=True)  # one failed fetch counts once
+            reporter.sts_lookup(StsLookup("example.com", failure="sts-webpki-invalid", detail="x"))
+            reporter.sts_failure("example.com", count=False)  # looked up for our own reports only
             now[0] += 86400  # the next day's sessions go to the next day
             reporter.session("example.org", sts, None)
             await reporter.close()
