@@ -44,6 +44,7 @@ from tlsrpt_lab import (
     SINK,
     SINK_NAME,
     rua,
+    untrusted,
 )
 
 from mailward.config import load_config
@@ -317,6 +318,10 @@ def test_every_report_arrives_where_the_record_says(world: World) -> None:
         assert up.headers["host"] == f"{SINK_NAME}:{port}"
     # the flaky endpoint refused the first try; the retry got through
     assert world.sink.refused == [FLAKY_PATH]
+    # an https: URL whose certificate does not match is never posted to, however often it is tried
+    result = world.results["tls.unsigned.test"]
+    assert f"{untrusted(port)} failed: " in result and "certificate" in result, result
+    assert "enforce-ok.sts.test" in world.results and "failed" not in world.results["enforce-ok.sts.test"]
     for domain in (*INVALID, "nomatch-only.dane.test"):
         assert world.results[domain].startswith("no reports wanted"), world.results
 

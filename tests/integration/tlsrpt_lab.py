@@ -4,7 +4,8 @@ and MTA-STS destinations, and the two places reports go.
 * MAILBOX: a mailward on its own loopback address (the lab's shared SMTP port) whose local domain
   is REPORT_DOMAIN; ``mailto:`` reports are delivered to its Maildir by the sender's own queue.
 * SINK: an HTTPS server (a test's, with a certificate from the test's private CA for SINK_NAME)
-  on the shared port, taking ``https:`` reports. A POST to FLAKY_PATH fails once before it works.
+  on the shared port, taking ``https:`` reports. A POST to FLAKY_PATH fails once before it works;
+  a URL naming the sink by its address fails every time, as the certificate does not name it.
 
 Some destinations publish nothing, or a record that is not valid (two rua fields): no report goes
 to them.
@@ -31,13 +32,17 @@ def https(port: int, path: str = REPORT_PATH) -> str:
     return f"https://{SINK_NAME}:{port}{path}"
 
 
+def untrusted(port: int) -> str:
+    return f"https://{SINK}:{port}{REPORT_PATH}"
+
+
 def rua(port: int) -> dict[str, str]:
     """The rua field of each destination that publishes a valid record."""
     return {
         "fallback.dane.test": f"{mailto()},{https(port)}",
         "bogus.dane.test": mailto(),
         "clear.unsigned.test": mailto(),
-        "tls.unsigned.test": https(port),
+        "tls.unsigned.test": f"{https(port)},{untrusted(port)}",
         "enforce-ok.sts.test": https(port),
         "wildcard.sts.test": f"{mailto()},{https(port, FLAKY_PATH)}",
         "enforce-bad.sts.test": mailto(),

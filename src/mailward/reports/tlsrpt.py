@@ -678,14 +678,19 @@ class ReportSender:
         target = parts._replace(netloc=f"{ip_host}:{parts.port or 443}").geturl()
         headers = {"Content-Type": "application/tlsrpt+gzip", "Host": parts.netloc.rpartition("@")[2],
                    "User-Agent": "mailward"}
+        limit = self.config.tlsrpt.https_timeout
         try:
-            async with httpx.AsyncClient(verify=self._context, timeout=self.config.tlsrpt.https_timeout,
-                                         follow_redirects=False, trust_env=False) as client:
+            async with asyncio.timeout(limit), httpx.AsyncClient(
+                    verify=self._context, timeout=limit, follow_redirects=False, trust_env=False) as client:
                 # The certificate is checked against the URL's host name, whatever address we dial.
                 request = client.build_request("POST", target, content=body, headers=headers,
                                                extensions={"sni_hostname": host})
-                response = await client.send(request)
-        except httpx.HTTPError as exc:
+                # Only the status matters: whatever body the server sends back is never read.
+                response = await client.send(request, stream=True)
+                await response.aclose()
+        except TimeoutError:
+            raise ReportUploadError(f"no answer within {limit:g}s") from None
+        except (httpx.HTTPError, OSError, ValueError) as exc:
             raise ReportUploadError(_one_line(str(exc)) or type(exc).__name__) from None
         if not 200 <= response.status_code < 300:
             raise ReportUploadError(f"HTTP {response.status_code}")
@@ -736,7 +741,8 @@ def _is_ip(host: str) -> bool:
 
 def _plausible_address(address: str) -> bool:
     local, at, domain = address.rpartition("@")
-    ok = bool(at and local and domain) and not any(c.isspace() or ord(c) < 0x20 or c in "<>" for c in address)
+    odd = any(c.isspace() or ord(c) < 0x20 or c in "<>,;" for c in address)
+    ok = bool(at and local and domain) and not odd
     if not ok:
         log.info("TLS report rua mailto:%s is not an address; skipped", address)
     return ok
