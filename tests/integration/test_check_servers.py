@@ -3,8 +3,12 @@ lab's TLSA records, and the exit status when the check cannot run."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
+import socket
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +18,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from dnssec import DnsLab
-from mailward_server import MailwardServer
+from mailward_server import MailwardServer, free_port
 
-from conftest import MakeServer
+from conftest import MakeServer, require_tool
+from mailward.check.submission import legacy_tls
 
 SUBMIT = "127.0.58.1"  # ports 465 and 587 of its own loopback address (root only)
 
@@ -47,6 +52,7 @@ def test_submission_ports(make_server: MakeServer, tmp_path: Path) -> None:
         (conn,) = report["mx"][0]["connections"]
         assert conn["verdict"] == "Verified" and conn["tls"]["protocol"] in ("TLSv1.2", "TLSv1.3")
         assert any(k.startswith("AUTH") for k in conn["ehlo_tls"])
+        assert conn["legacy_tls"] is None  # TLS 1.0 and 1.1 were offered and refused
         if port == 587:
             assert conn["starttls"] is True
             assert not any(k.startswith("AUTH") for k in conn["ehlo"])  # no AUTH before TLS
@@ -121,3 +127,27 @@ def test_self_check_and_the_rollover_warning(make_server: MakeServer, dns_lab: D
     status, report = self_check(make_server, dns_lab, renewed(tmp_path / "new", "target.dane.test"))
     assert (status, report["verdict"]) == (2, "defer"), report["findings"]
     assert any("matches no TLSA record" in f["text"] for f in report["findings"])
+
+
+def test_a_server_that_accepts_tls_1_1_is_found(tmp_path: Path) -> None:
+    openssl = require_tool("openssl")
+    cert, key = renewed(tmp_path, "old.example")
+    port = free_port()
+    server = subprocess.Popen([openssl, "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(cert),
+                               "-key", str(key), "-cipher", "DEFAULT:@SECLEVEL=0", "-quiet"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "openssl s_server did not start"
+                time.sleep(0.05)
+        found = asyncio.run(legacy_tls("old.example", "127.0.0.1", port, implicit=True, helo="check.test",
+                                       timeout=5))
+        assert found in ("TLSv1", "TLSv1.1")
+    finally:
+        server.terminate()
+        server.wait(5)

@@ -59,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
         report = asyncio.run(_run(args, config))
     except (CheckError, ConfigError) as exc:
         if args.json:
-            print(json.dumps({"schema": SCHEMA, "domain": args.domain or args.host, "verdict": "error",
-                              "reason": str(exc), "mx": [], "findings": []}, indent=2))
+            kind = "self" if args.self_check else "submission" if args.host or args.port else "mx"
+            print(json.dumps({"schema": SCHEMA, "kind": kind, "domain": args.domain or args.host,
+                              "verdict": "error", "reason": str(exc), "mx": [], "findings": []}, indent=2))
         else:
             print(f"mailward: {exc}", file=sys.stderr)
         return EXIT_STATUS["error"]
