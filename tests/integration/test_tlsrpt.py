@@ -55,6 +55,7 @@ from mailward.queuetool import QueueFile
 from mailward.reports.tlsrpt import ReportSender, utc_day
 
 SENDER = "sender@example.test"
+REUSED = "tls.unsigned.test"
 SCHEMA = json.loads((Path(__file__).parents[1] / "data" / "tlsrpt-schema.json").read_text())
 
 # Where each destination's mail ends up, as test_dane_delivery and test_mtasts_delivery establish.
@@ -248,7 +249,8 @@ def world(dns_lab: DnsLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         mailbox.write_config()
         (mailbox.maildir).mkdir(parents=True)  # a mailbox made by the operator, without a login
         sender = MailwardServer(root / "sender", deliver=True, extra_toml=delivery_toml(
-            relay=tuple(OUTCOMES), port=port, connect_timeout=3, command_timeout=5, retry_initial=3600)
+            relay=tuple(OUTCOMES), port=port, connect_timeout=3, command_timeout=5, retry_initial=3600,
+            per_destination=1, slow_start_initial=1)
             + lab.dns_toml + f'[mta_sts]\nca_file = "{ca_file}"\nfetch_timeout = 3\n'
             + f'[tlsrpt]\norganization = "mailward TLS-RPT lab"\nhttps_ca_file = "{ca_file}"\n'
             + "send_hour = 0\n")
@@ -258,11 +260,17 @@ def world(dns_lab: DnsLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         sender.start()
         rcpts = {f"rcpt@{d}" for d in OUTCOMES}
         submit_mx(sender, SENDER, sorted(rcpts), message("tlsrpt1", sender=SENDER))
+        # Two more for one destination: one connection carries them (per_destination = 1), so
+        # the report must count one session per connection, not one per message.
+        for n in (2, 3):
+            submit_mx(sender, SENDER, [f"rcpt@{REUSED}"], message(f"tlsrpt{n}", sender=SENDER))
 
         def logged() -> dict[str, dict[str, str]]:
             return {d["rcpt"]: d for d in deliveries(sender)}
 
         wait_until(lambda: rcpts <= set(logged()), timeout=40, what="a result for every destination")
+        wait_until(lambda: len([d for d in deliveries(sender) if d["rcpt"] == f"rcpt@{REUSED}"]) == 3,
+                   timeout=20, what=f"three deliveries to {REUSED}")
         lines = logged()
         # Stopping flushes the counts still in memory; then the day's reports are made.
         sender.stop()
@@ -406,9 +414,11 @@ def test_no_starttls_and_opportunistic_tls(world: World) -> None:
     assert clear["policy"] == {"policy-type": "no-policy-found", "policy-domain": "clear.unsigned.test"}
     assert _failures(clear) == [("starttls-not-supported", "mx-clear.unsigned.test", 1)]
     assert clear["failure-details"][0]["receiving-ip"] == CLEAR
-    (tls,) = _policies(world, "tls.unsigned.test").values()
+    (tls,) = _policies(world, REUSED).values()
     assert tls["policy"]["policy-type"] == "no-policy-found"
-    assert _summary(tls) == (1, 0) and "failure-details" not in tls
+    assert _summary(tls) == (1, 0) and "failure-details" not in tls  # three messages, one session
+    sent = [d for d in deliveries(world.sender) if d["rcpt"] == f"rcpt@{REUSED}"]
+    assert [d["status"] for d in sent] == ["sent"] * 3
 
 
 def test_mta_sts_success_and_enforce_failure(world: World) -> None:
