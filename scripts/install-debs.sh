@@ -8,6 +8,8 @@ packages=(swaks libnet-ssleay-perl postfix testssl.sh openssl nsd unbound ldnsut
 # dovecot-core and dovecot-lmtpd: the LMTP server local delivery is tested against, run by the
 # tests from their own config in a temporary directory.
 packages+=(dovecot-core dovecot-lmtpd)
+# postgresql: the shared queue's tests start their own server (initdb in a temporary directory).
+packages+=(postgresql)
 # Extra packages a target needs beyond the tests' (make bench: Cyrus SASL for Postfix's AUTH).
 packages+=("$@")
 missing=()

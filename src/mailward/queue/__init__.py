@@ -21,11 +21,12 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, Protocol, Self, get_args
+from typing import Any, Literal, Protocol, Self, get_args, runtime_checkable
 
 __all__ = [
     "BodyType",
     "CorruptMessage",
+    "DestinationSlots",
     "DsnRet",
     "Envelope",
     "LeaseLost",
@@ -574,3 +575,16 @@ class Queue(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class DestinationSlots(Protocol):
+    """Connection slots per destination shared by every node of a shared queue (PostgreSQL), so
+    `delivery.per_destination` holds across nodes, not per node. The embedded queue has one node
+    and does not implement it; the Deliverer's own gates suffice there."""
+
+    async def acquire_destination_slot(self, destination: str, limit: int, now: float) -> int | None:
+        """Take one of `limit` slots of `destination`; its number, or None when all are taken."""
+        ...
+
+    async def release_destination_slot(self, destination: str, slot: int) -> None: ...

@@ -1,0 +1,279 @@
+"""Message bodies of the PostgreSQL queue: how they are stored, received and read back verified.
+
+Split from `mailward.queue.postgres`, which owns the queue itself. `BodyStore` is the seam where a
+shared object store can later replace the bytea rows of `DatabaseBodies`; the transaction and the
+reader depend only on it and on the queue's private helpers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any, Protocol, Self
+
+from psycopg import AsyncConnection, AsyncCursor
+
+from mailward.queue import Envelope, MessageNotFound, QueueError, QueueFull, Recipient, new_queue_id
+
+if TYPE_CHECKING:
+    from mailward.queue.postgres import PostgresQueue
+
+__all__ = ["BodyStore", "DatabaseBodies", "PostgresBodyReader", "PostgresTransaction"]
+
+log = logging.getLogger("mailward.queue")
+
+
+# --- bodies ---------------------------------------------------------------------------------------
+
+
+class BodyStore(Protocol):
+    """Where message bodies live. `store` and `remove` run inside the message's own database
+    transaction; a store outside the database must make the body durable before `store` returns,
+    so the COMMIT that follows acknowledges nothing that could be missing after a crash."""
+
+    async def store(self, cur: AsyncCursor[Any], id: str, chunks: Iterator[bytes]) -> int:
+        """Store the chunks in order; returns how many there were."""
+        ...
+
+    async def stat(self, conn: AsyncConnection[Any], id: str) -> tuple[int, int]:
+        """(chunks, bytes) actually stored for `id`, without reading the body."""
+        ...
+
+    async def chunk(self, conn: AsyncConnection[Any], id: str, seq: int) -> bytes | None: ...
+
+    async def remove(self, cur: AsyncCursor[Any], id: str) -> None: ...
+
+
+class DatabaseBodies:
+    """Bodies as bytea rows of `message_body`, one per chunk, in the queue's own database."""
+
+    async def store(self, cur: AsyncCursor[Any], id: str, chunks: Iterator[bytes]) -> int:
+        count = 0
+        # COPY streams the chunks without a statement per chunk or a parameter-size limit.
+        async with cur.copy("COPY message_body (message_id, seq, data) FROM STDIN") as copy:
+            for data in chunks:
+                await copy.write_row((id, count, data))
+                count += 1
+        return count
+
+    async def stat(self, conn: AsyncConnection[Any], id: str) -> tuple[int, int]:
+        # octet_length of an out-of-line value reads its TOAST pointer, not the value.
+        cur = await conn.execute(
+            "SELECT count(*), coalesce(sum(octet_length(data)), 0) FROM message_body WHERE message_id = %s",
+            (id,))
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+    async def chunk(self, conn: AsyncConnection[Any], id: str, seq: int) -> bytes | None:
+        cur = await conn.execute("SELECT data FROM message_body WHERE message_id = %s AND seq = %s",
+                                 (id, seq))
+        row = await cur.fetchone()
+        return None if row is None else bytes(row[0])
+
+    async def remove(self, cur: AsyncCursor[Any], id: str) -> None:
+        await cur.execute("DELETE FROM message_body WHERE message_id = %s", (id,))
+
+
+
+# --- receiving ------------------------------------------------------------------------------------
+
+
+class PostgresTransaction:
+    """One message being received into a `PostgresQueue`; see `mailward.queue.Transaction`.
+
+    The body collects in memory, or in an unnamed spool file once larger than `spool_threshold`,
+    and goes to the database in the commit's one transaction: no database transaction stays open
+    for as long as a client takes to send its DATA.
+    """
+
+    def __init__(self, queue: PostgresQueue, envelope: Envelope) -> None:
+        self._queue = queue
+        self._envelope = envelope
+        self._id = new_queue_id()
+        self._recipients: list[Recipient] = []
+        self._addresses: set[str] = set()
+        self._buffer = bytearray()
+        self._spool: IO[bytes] | None = None
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._state = "open"  # open | committing | committed | failed | aborted
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    @property
+    def envelope(self) -> Envelope:
+        return self._envelope
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def _require_open(self) -> None:
+        if self._state != "open":
+            raise RuntimeError(f"transaction {self._id} is {self._state}")
+
+    async def add_rcpt(self, recipient: Recipient) -> None:
+        self._require_open()
+        if recipient.address not in self._addresses:
+            self._addresses.add(recipient.address)
+            self._recipients.append(recipient)
+
+    async def write_body(self, chunk: bytes) -> None:
+        self._require_open()
+        if not chunk:
+            return
+        try:
+            if self._spool is None and len(self._buffer) + len(chunk) > self._queue.spool_threshold:
+                self._spool = tempfile.TemporaryFile()  # noqa: SIM115 - owned by the transaction
+                self._spool.write(self._buffer)
+                self._buffer = bytearray()
+            if self._spool is not None:
+                self._spool.write(chunk)
+            else:
+                self._buffer += chunk
+        except OSError as exc:
+            self._fail()
+            raise QueueFull(f"cannot spool the message body: {exc}") from exc
+        self._hash.update(chunk)
+        self._size += len(chunk)
+
+    def _chunks(self) -> Iterator[bytes]:
+        size = self._queue.chunk_size
+        if self._spool is None:
+            view = memoryview(self._buffer)
+            for start in range(0, len(view), size):
+                yield bytes(view[start:start + size])
+            return
+        # Re-hash while copying: a spool file that changed under us must not be stored as if intact.
+        spool = self._spool
+        spool.seek(0)
+        digest = hashlib.sha256()
+        copied = 0
+        while data := spool.read(size):
+            digest.update(data)
+            copied += len(data)
+            yield data
+        if copied != self._size or digest.hexdigest() != self._hash.hexdigest():
+            raise QueueError(f"message {self._id}: the spooled body changed before it was stored")
+
+    async def commit(self) -> str:
+        self._require_open()
+        if not self._recipients:
+            raise ValueError("a message needs at least one recipient")
+        self._state = "committing"
+        try:
+            await self._queue._store(self, tuple(self._recipients), self._size, self._hash.hexdigest(),
+                                     self._chunks, time.time())
+        except asyncio.CancelledError:
+            # The COMMIT may still have happened; abort() then removes it, since no 250 was sent.
+            self._release_body()
+            raise
+        except BaseException:
+            self._fail()
+            raise
+        self._state = "committed"
+        self._release_body()
+        self._queue._live.discard(self)
+        return self._id
+
+    async def abort(self) -> None:
+        state = self._state
+        if state == "open":
+            self._fail("aborted")
+        elif state == "committing":
+            self._state = "aborted"
+            self._queue._live.discard(self)
+            try:
+                await self._queue.delete(self._id)
+            except QueueError as exc:
+                log.warning("message %s: commit interrupted and not removed: %s", self._id, exc)
+
+    def _release_body(self) -> None:
+        self._buffer = bytearray()
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+
+    def _fail(self, state: str = "failed") -> None:
+        self._state = state
+        self._release_body()
+        self._queue._live.discard(self)
+
+    def _shutdown(self) -> None:
+        if self._state == "open":
+            self._fail("aborted")
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._state != "committed":
+            await self.abort()
+
+
+# --- reading bodies -------------------------------------------------------------------------------
+
+
+class PostgresBodyReader(AsyncIterator[bytes]):
+    """Streams a stored body and verifies its length and sha256; the last chunk is handed out only
+    after the whole body matched, so a damaged message is never sent complete (see SqliteBodyReader)."""
+
+    def __init__(self, queue: PostgresQueue, id: str, size: int, digest: str, chunks: int) -> None:
+        self.id = id
+        self.size = size
+        self.digest = digest
+        self._queue = queue
+        self._chunks = chunks
+        self._next = 0
+        self._ahead: bytes | None = None
+        self._hash = hashlib.sha256()
+        self._received = 0
+        self._done = False
+
+    def __aiter__(self) -> PostgresBodyReader:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._done:
+            raise StopAsyncIteration
+        if self._ahead is None and self._next < self._chunks:
+            self._ahead = await self._fetch()
+        if self._next < self._chunks:
+            out, self._ahead = self._ahead, await self._fetch()
+            assert out is not None
+            return out
+        self._done = True
+        last, self._ahead = self._ahead, None
+        if self._received != self.size or self._hash.hexdigest() != self.digest:
+            await self._queue._corrupt(
+                self.id, f"body does not match its digest ({self._received} of {self.size} bytes read)")
+        if last is None:
+            raise StopAsyncIteration
+        return last
+
+    async def read(self) -> bytes:
+        """The whole (verified) body; for small messages and tools, not for the delivery path."""
+        return b"".join([chunk async for chunk in self])
+
+    async def _fetch(self) -> bytes:
+        seq = self._next
+        self._next += 1
+        data = await self._queue._chunk(self.id, seq)
+        if data is None:
+            self._done = True
+            if await self._queue.get(self.id) is None:
+                raise MessageNotFound(self.id)
+            await self._queue._corrupt(self.id, f"body chunk {seq} of {self._chunks} is missing")
+        self._hash.update(data)
+        self._received += len(data)
+        return data
+
