@@ -53,6 +53,7 @@ def test_submission_ports(make_server: MakeServer, tmp_path: Path) -> None:
         assert conn["verdict"] == "Verified" and conn["tls"]["protocol"] in ("TLSv1.2", "TLSv1.3")
         assert any(k.startswith("AUTH") for k in conn["ehlo_tls"])
         assert conn["legacy_tls"] is None  # TLS 1.0 and 1.1 were offered and refused
+        assert conn["pkix"]["trusted"] and conn["pkix"]["name_matches"]  # an IP address SAN
         if port == 587:
             assert conn["starttls"] is True
             assert not any(k.startswith("AUTH") for k in conn["ehlo"])  # no AUTH before TLS

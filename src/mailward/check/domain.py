@@ -26,9 +26,7 @@ from mailward.check.parts import (
 )
 from mailward.config import Config
 from mailward.delivery.attempt import AttemptSettings
-from mailward.delivery.dane import (
-    effective_records,
-)
+from mailward.delivery.dane import effective_records
 from mailward.delivery.dns import DnsError, DnsResolver
 from mailward.delivery.mtasts import MtaSts, StsLookup, for_delivery, sts_facts
 from mailward.delivery.policy import (
@@ -123,7 +121,7 @@ async def _tlsrpt(resolver: DnsResolver, domain: str) -> dict[str, Any]:
     return {"name": name, "records": texts, "rua": list(record.rua), "error": None}
 
 
-def _sts_report(dest: Destination, sts: _RecordingSts | None, config: Config) -> dict[str, Any]:
+def _sts_report(dest: Destination, sts: _RecordingSts | None) -> dict[str, Any]:
     if sts is None:
         return {"consulted": False, "reason": "MTA-STS is off (mta_sts.enabled = false)", "policy": None}
     found = sts.seen.get(dest.domain)
@@ -164,19 +162,19 @@ async def check_domain(domain: str, config: Config, resolver: DnsResolver, *,
     report: dict[str, Any] = {
         "schema": SCHEMA, "kind": "mx", "domain": domain, "verdict": "error", "reason": "",
         "level": base["level"], "level_source": base["source"], "destination": base["destination"],
-        "dns": dns_part, "mta_sts": _sts_report(dest, recording, config),
+        "dns": dns_part, "mta_sts": _sts_report(dest, recording),
         "tlsrpt": await _tlsrpt(resolver, dest.domain) if dest.kind == "mx" else None,
         "plan": base["plan"], "mx": hosts, "delivery": None, "findings": []}
     if not resolver.trust_ad:
         note(report, "warning", f"resolver {resolver.labels} is not on loopback, so mailward trusts no "
-                             "DNSSEC status from it: DANE is unavailable (run a validating resolver "
-                             "such as Unbound on 127.0.0.1)")
+                                "DNSSEC status from it: DANE is unavailable (run a validating resolver "
+                                "such as Unbound on 127.0.0.1)")
     decision = surveyed.decision
     settings = settings or probe_settings(config)
     ca_file = config.mta_sts.ca_file
     for host in hosts:
         await _check_host(report, host, dest, surveyed, resolver, settings, ca_file)
-    _sts_findings(report, dest)
+    _sts_findings(report)
     # What the Deliverer's _connect does: the first planned address that opens gets the mail.
     if decision is None or decision.refusal is not None:
         refusal = None if decision is None else decision.refusal
@@ -233,16 +231,16 @@ async def _check_host(report: dict[str, Any], host: dict[str, Any], dest: Destin
     host["mta_sts_match"] = None if sts is None else any(sts_matches(p, name) for p in sts["mx"])
     if lookup is not None and lookup.status == "bogus":
         note(report, "error", f"the TLSA lookup at {tlsa_owner(lookup.base_domain or name, dest.port)} "
-                           "failed or is bogus, so delivery never uses this host (RFC 7672 §2.1.1); "
-                           "fix the zone's DNSSEC signatures", name)
+                              "failed or is bogus, so delivery never uses this host (RFC 7672 §2.1.1); "
+                              "fix the zone's DNSSEC signatures", name)
     if lookup is not None and lookup.status == "secure" and records and not lookup.usable:
         note(report, "warning", "its DNSSEC-secure TLSA records are all unusable for SMTP, so TLS is "
-                             "required but not authenticated; publish a DANE-EE record such as "
-                             f"'{tlsa_owner(lookup.base_domain or name, dest.port)} IN TLSA 3 1 1 ...'",
-          name)
-    pkix_ca = ca_file
+                                "required but not authenticated; publish a DANE-EE record such as "
+                                f"'{tlsa_owner(lookup.base_domain or name, dest.port)} IN TLSA 3 1 1 ...'",
+                                name)
+    # PKIX is described against the CAs delivery would use: the policy's, else MTA-STS's.
     host["connections"] = list(await asyncio.gather(*(
-        probe(c, settings, ca_file=c.tls.ca_file or pkix_ca, records=records) for c in candidates)))
+        probe(c, settings, ca_file=c.tls.ca_file or ca_file, records=records) for c in candidates)))
     if not candidates:
         host["verdict"] = "Unreachable"
         refusal = None if decision is None else decision.refusal
@@ -276,7 +274,7 @@ async def _unused_tlsa(report: dict[str, Any], host: dict[str, Any], dest: Desti
     host["tlsa_ignored"] = {"owner": owner, "status": found.status, "why": why,
                             "records": [describe_record(r) for r in found.records]}
     note(report, "warning", f"TLSA records are published at {owner}, but delivery does not use them "
-                         f"because {why} (RFC 7672 §2.2); sign the zone or remove the records", name)
+                            f"because {why} (RFC 7672 §2.2); sign the zone or remove the records", name)
 
 
 def dane_findings(report: dict[str, Any], host: dict[str, Any], entry: dict[str, Any],
@@ -287,26 +285,31 @@ def dane_findings(report: dict[str, Any], host: dict[str, Any], entry: dict[str,
     name = host["name"]
     certs = entry["certificates"]
     owner = tlsa_owner(lookup.base_domain or name, dest.port)
-    usable = effective_records(lookup.records)
+    records = lookup.records
+    usable = effective_records(records)
     ee = [r for r in usable if r.usage == 3]
     ta = [r for r in usable if r.usage == 2]
+
+    def matched(cert: dict[str, Any], usage: int) -> bool:
+        return any(records[i].usage == usage for i in cert["tlsa_matches"])
+
     leaf = certs[0] if certs else None
-    if ee and leaf is not None and not leaf["tlsa_matches"]:
+    if ee and leaf is not None and "error" not in leaf and not matched(leaf, 3):
         since = leaf.get("not_before", "")[:10]
         note(report, "error", f"no DANE-EE record at {owner} matches the certificate {entry['relay']} "
-                           f"presents (issued {since}): if it was renewed with a new key, the TLSA "
-                           "records were not updated (the usual Let's Encrypt rollover failure). "
-                           f"Publish '{owner} IN TLSA 3 1 1 {_spki_digest(leaf)}' beside the old "
-                           "record, or renew with the old key (certbot --reuse-key)", name)
-    if ta and not any(c["tlsa_matches"] for c in certs[1:]):
+                              f"presents (issued {since}): if it was renewed with a new key, the TLSA "
+                              "records were not updated (the usual Let's Encrypt rollover failure). "
+                              f"Publish '{owner} IN TLSA 3 1 1 {_spki_digest(leaf)}' beside the old "
+                              "record, or renew with the old key (certbot --reuse-key)", name)
+    if ta and not any(matched(c, 2) for c in certs[1:]):
         if len(certs) <= 1:
             note(report, "error", f"{entry['relay']} sends only its own certificate, but DANE-TA records "
-                               "name a CA certificate the server must send along (RFC 7672 §3.1.2); "
-                               "configure the full chain (certbot's fullchain.pem)", name)
+                                  "name a CA certificate the server must send along (RFC 7672 §3.1.2); "
+                                  "configure the full chain (certbot's fullchain.pem)", name)
         else:
             note(report, "error", f"no DANE-TA record at {owner} matches a CA certificate {entry['relay']} "
-                               "sends; the chain changed (a new intermediate?) or the record is "
-                               "stale", name)
+                                  "sends; the chain changed (a new intermediate?) or the record is "
+                                  "stale", name)
     if not any(f["severity"] == "error" and f["host"] == name for f in report["findings"]):
         note(report, "error", f"DANE authentication of {entry['relay']} fails: {dane['reason']}", name)
 
@@ -315,7 +318,7 @@ def _spki_digest(cert: dict[str, Any]) -> str:
     return str(cert.get("spki_sha256", ""))
 
 
-def _sts_findings(report: dict[str, Any], dest: Destination) -> None:
+def _sts_findings(report: dict[str, Any]) -> None:
     sts = report["mta_sts"]
     policy = sts.get("policy")
     if sts.get("failure"):
@@ -324,9 +327,13 @@ def _sts_findings(report: dict[str, Any], dest: Destination) -> None:
         return
     for host in report["mx"]:
         if host["mta_sts_match"] is False:
-            effect = ("so delivery does not use it" if policy["mode"] == "enforce"
-                      else "which testing mode only reports")
-            note(report, "error" if policy["mode"] == "enforce" else "warning",
+            refused = "MTA-STS" in (host["skipped"] or "")
+            # Under enforce a host DANE authenticates is still used (DANE outranks MTA-STS), but a
+            # sender that knows only MTA-STS would pass it over.
+            effect = ("so delivery does not use it" if refused
+                      else "which testing mode only reports" if policy["mode"] == "testing"
+                      else "so senders without DANE pass it over")
+            note(report, "error" if refused else "warning",
               f"the MTA-STS policy's mx patterns ({', '.join(policy['mx'])}) do not cover this MX "
               f"host, {effect}; add it to the policy", host["name"])
 

@@ -106,6 +106,14 @@ def dns_names(cert: x509.Certificate) -> list[str]:
     return [str(n) for n in san.value.get_values_for_type(x509.DNSName)]
 
 
+def ip_names(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return []
+    return [str(n) for n in san.value.get_values_for_type(x509.IPAddress)]
+
+
 def spki_der(key: object) -> bytes:
     public = key.public_key() if hasattr(key, "public_key") else key
     return public.public_bytes(serialization.Encoding.DER,  # type: ignore[no-any-return,union-attr]
@@ -128,6 +136,7 @@ def describe_certificate(der: bytes, depth: int, records: Sequence[TlsaRecord] =
         "subject": cert.subject.rfc4514_string(),
         "issuer": cert.issuer.rfc4514_string(),
         "names": dns_names(cert),
+        "ip_addresses": ip_names(cert),
         "not_before": cert.not_valid_before_utc.isoformat(),
         "not_after": cert.not_valid_after_utc.isoformat(),
         "expired": now > cert.not_valid_after_utc,
@@ -193,7 +202,7 @@ async def probe(candidate: Candidate, settings: AttemptSettings, *, ca_file: Pat
             except AttemptError as exc2:
                 entry["plaintext_retry"] = exc2.reply
             else:
-                entry["plaintext_retry"] = "delivered in plaintext after the failed handshake (TLS DOWNGRADE)"
+                entry["plaintext_retry"] = "would be delivered in plaintext after the failed handshake"
                 entry["accepted"], outcome = True, again.tls
                 await again.close()
     else:
@@ -213,7 +222,7 @@ async def probe(candidate: Candidate, settings: AttemptSettings, *, ca_file: Pat
         sslobj = seen.stream.ssl_object
         if sslobj is not None:
             facts = tls_facts(sslobj)
-            group = getattr(sslobj, "group", None)  # Python 3.15 names the key exchange group
+            group = getattr(sslobj, "group", None)  # not every Python's ssl module reports it
             entry["tls"] = {"protocol": facts.version, "cipher": facts.cipher, "bits": facts.bits,
                             "group": group() if callable(group) else None}
             chain = peer_chain(sslobj)
@@ -227,9 +236,10 @@ async def probe(candidate: Candidate, settings: AttemptSettings, *, ca_file: Pat
     entry["certificates"] = [describe_certificate(der, i, records) for i, der in enumerate(chain)]
     if chain:
         reference = candidate.tls.verify_name or candidate.host
-        leaf_names = entry["certificates"][0].get("names", [])
+        leaf = entry["certificates"][0]
         entry["pkix"] = {"trusted": chain_trusted(chain, ca_file), "reference_name": reference,
-                         "name_matches": any(name_matches(n, reference) for n in leaf_names),
+                         "name_matches": reference in leaf.get("ip_addresses", [])
+                         or any(name_matches(n, reference) for n in leaf.get("names", [])),
                          "ca_file": None if ca_file is None else str(ca_file)}
         if candidate.tls.verify == "dane":
             verdict = verify_chain(candidate.tls.tlsa, chain, candidate.tls.dane_names)

@@ -85,8 +85,8 @@ async def check_self(config: Config, resolver: DnsResolver, *, port: int = 25) -
         remaining = leaf.not_valid_after_utc - dt.datetime.now(dt.UTC)
         if remaining < RENEWAL_WARNING:
             note(report, "warning", f"{key} ({pair.cert}) expires on {leaf.not_valid_after_utc:%Y-%m-%d}: "
-                                 "renew it; with DANE-EE 3 1 1 records a renewal that keeps the key "
-                                 "keeps them valid")
+                                    "renew it; with DANE-EE 3 1 1 records a renewal that keeps the key "
+                                    "keeps them valid")
             worst = max(worst, 1)
         for name in names:
             found = await resolver.tlsa(name, port)
@@ -111,31 +111,31 @@ async def check_self(config: Config, resolver: DnsResolver, *, port: int = 25) -
             spki_hex = hashlib.sha256(spki_der(leaf.public_key())).hexdigest()
             if found.status == "bogus":
                 note(report, "error", f"the TLSA lookup at {owner} fails or is bogus: DANE senders defer "
-                                   "mail to this name; fix the zone's DNSSEC", name)
+                                      "mail to this name; fix the zone's DNSSEC", name)
                 worst = 2
             elif found.status != "secure" or not found.records:
                 note(report, "info", f"no DNSSEC-secure TLSA records at {owner}: DANE does not protect "
-                                  f"mail to {name}; publish '{owner} IN TLSA 3 1 1 {spki_hex}'", name)
+                                     f"mail to {name}; publish '{owner} IN TLSA 3 1 1 {spki_hex}'", name)
                 worst = max(worst, 1)
             elif not usable:
                 note(report, "warning", f"the TLSA records at {owner} are all unusable for SMTP; publish "
-                                     f"'{owner} IN TLSA 3 1 1 {spki_hex}'", name)
+                                        f"'{owner} IN TLSA 3 1 1 {spki_hex}'", name)
                 worst = max(worst, 1)
             elif now_ok is not None and not now_ok.verified:
                 note(report, "error", f"the certificate {pair.cert} matches no TLSA record at {owner} "
-                                   f"({now_ok.reason}): DANE senders defer mail to {name} now; publish "
-                                   f"'{owner} IN TLSA 3 1 1 {spki_hex}'", name)
+                                      f"({now_ok.reason}): DANE senders defer mail to {name} now; publish "
+                                      f"'{owner} IN TLSA 3 1 1 {spki_hex}'", name)
                 worst = 2
             if after is False and next_spki is not None:
                 note(report, "warning", f"the next key ({pair.next_key}) has no TLSA record at {owner} yet: "
-                                     "switching to it now would break DANE; publish "
-                                     f"'{owner} IN TLSA 3 1 1 {hashlib.sha256(next_spki).hexdigest()}' "
-                                     "beside the current record and wait two TTLs", name)
+                                        "switching to it now would break DANE; publish "
+                                        f"'{owner} IN TLSA 3 1 1 {hashlib.sha256(next_spki).hexdigest()}' "
+                                        "beside the current record and wait two TTLs", name)
                 worst = max(worst, 1)
             elif after is None and pair.next_key is None and found.status == "secure" and usable and \
                     all(r.usage == 3 for r in usable) and now_ok is not None and now_ok.verified:
                 note(report, "info", f"only the current key is published at {owner}: before a key "
-                                  f"rollover, set {key}.next_key and publish its record too", name)
+                                     f"rollover, set {key}.next_key and publish its record too", name)
     if not covered:
         note(report, "warning", f"no configured certificate names hostname {config.hostname}")
     report["verdict"] = ("secure", "insecure", "defer")[worst]
