@@ -13,6 +13,7 @@ CA. Every report that arrives is gunzipped and checked against the RFC 8460 sche
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import email
 import email.policy
 import gzip
@@ -55,6 +56,7 @@ from mailward.queuetool import QueueFile
 from mailward.reports.tlsrpt import ReportSender, utc_day
 
 SENDER = "sender@example.test"
+DAILY = "enforce-ok.sts.test"  # has counts for yesterday too, for the server's own daily run
 REUSED = "tls.unsigned.test"
 SCHEMA = json.loads((Path(__file__).parents[1] / "data" / "tlsrpt-schema.json").read_text())
 
@@ -176,7 +178,8 @@ class World:
     results: dict[str, str]  # what send_day said per domain
     again: dict[str, str]  # a second send_day for the same day
     mails: dict[str, Any]  # report mails by domain, parsed
-    posts: dict[str, list[Upload]]  # uploads by policy domain
+    posts: dict[str, list[Upload]]  # uploads of the day's reports, by policy domain
+    yesterday: list[Upload]  # uploads the server's own daily run made
 
     def report(self, domain: str, how: str) -> dict[str, Any]:
         if how == "mailto":
@@ -188,6 +191,21 @@ class World:
 def read_tallies(sender: MailwardServer, day: str) -> list[TlsRptTally]:
     tallies, _ = QueueFile(sender.queue_path).tlsrpt(day, None)
     return sorted(tallies, key=repr)
+
+
+def seed_yesterday(sender: MailwardServer, day: str) -> str:
+    """Counts for the day before `day`, which the restarted server's daily run must report."""
+    yesterday = (dt.date.fromisoformat(day) - dt.timedelta(days=1)).isoformat()
+
+    async def seed() -> None:
+        queue = await SqliteQueue.open(sender.queue_path)
+        try:
+            await queue.add_tlsrpt_tallies([TlsRptTally(yesterday, DAILY, "no-policy-found", count=7)])
+        finally:
+            await queue.close()
+
+    asyncio.run(seed())
+    return yesterday
 
 
 def send_reports(sender: MailwardServer, day: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -277,20 +295,27 @@ def world(dns_lab: DnsLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         day = utc_day(time.time())
         tallies = read_tallies(sender, day)
         results, again = send_reports(sender, day)
+        yesterday = seed_yesterday(sender, day)
         sender.start()
         mailto = [d for d, r in rua(port).items() if "mailto:" in r]
         wait_until(lambda: len(mailbox.delivered()) >= len(mailto), timeout=30, what="the mailed reports")
+        wait_until(lambda: any(yesterday in json.loads(gzip.decompress(u.body))["report-id"]
+                               for u in sink.uploads), timeout=30, what="the daily run's report")
         sender.stop()  # flush any count the reports' own delivery would (wrongly) have made
         mails = {}
         for raw in mailbox.delivered():
             parsed = email.message_from_bytes(raw, policy=email.policy.default)
             mails[str(parsed["TLS-Report-Domain"])] = parsed
         posts: dict[str, list[Upload]] = {}
+        daily: list[Upload] = []
         for upload in sink.uploads:
             report = json.loads(gzip.decompress(upload.body))
-            posts.setdefault(report["policies"][0]["policy"]["policy-domain"], []).append(upload)
+            if report["date-range"]["start-datetime"].startswith(yesterday):
+                daily.append(upload)
+            else:
+                posts.setdefault(report["policies"][0]["policy"]["policy-domain"], []).append(upload)
         yield World(lab, sender, mailbox, sink, day, lines, tallies, read_tallies(sender, day), results,
-                    again, mails, posts)
+                    again, mails, posts, daily)
     finally:
         for server in servers:
             server.stop()
@@ -466,6 +491,18 @@ def test_reports_are_sent_once_and_their_own_delivery_is_not_counted(world: Worl
     # the sender's log shows the reports leaving through its queue like any other mail
     sent = [d for d in deliveries(world.sender) if d["rcpt"] == f"{REPORT_BOX}@{REPORT_DOMAIN}"]
     assert len(sent) == len(world.mails) and all(d["status"] == "sent" for d in sent)
+
+
+def test_the_server_sends_the_previous_day_itself(world: World) -> None:
+    # `mailward serve` runs the daily sender: started past send_hour, it sent yesterday's report.
+    (upload,) = world.yesterday
+    report = json.loads(gzip.decompress(upload.body))
+    jsonschema.validate(report, SCHEMA, format_checker=jsonschema.FormatChecker())
+    (entry,) = report["policies"]
+    assert entry["policy"] == {"policy-type": "no-policy-found", "policy-domain": DAILY}
+    assert _summary(entry) == (7, 0)
+    assert "TLS reports: each UTC day's reports are sent the next day at 00:00 UTC" in world.sender.log()
+    assert f"TLS report for {DAILY} (" in world.sender.log()
 
 
 def test_tlsrpt_show_prints_what_was_sent(world: World) -> None:
