@@ -18,6 +18,7 @@ from rich.console import Console
 from mailward.check import EXIT_STATUS, exit_status, render, run
 from mailward.check.domain import dane_findings
 from mailward.check.parts import describe_certificate, describe_record
+from mailward.check.selfcheck import read_next_key
 from mailward.delivery.dane import association_data
 from mailward.delivery.policy import Destination, TlsaFacts, TlsaRecord
 
@@ -123,3 +124,20 @@ def test_a_dane_ta_chain_without_its_anchor_is_called_out() -> None:
                    Destination(key="mx:example.org", kind="mx", domain="example.org"))
     (finding,) = found["findings"]
     assert finding["severity"] == "error" and "sends only its own certificate" in finding["text"]
+
+
+def test_a_next_key_may_be_a_private_key_a_public_key_or_a_certificate(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    issued = ca.issue_cert("mx.example.org")
+    cert = x509.load_pem_x509_certificate(issued.cert_chain_pems[0].bytes())
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+    private, public, chain = tmp_path / "key.pem", tmp_path / "pub.pem", tmp_path / "cert.pem"
+    issued.private_key_pem.write_to_path(str(private))
+    public.write_bytes(cert.public_key().public_bytes(serialization.Encoding.PEM,
+                                                      serialization.PublicFormat.SubjectPublicKeyInfo))
+    chain.write_bytes(b"".join(p.bytes() for p in issued.cert_chain_pems))
+    assert read_next_key(private) == (spki, [])
+    assert read_next_key(public) == (spki, [])
+    found, ders = read_next_key(chain)
+    assert found == spki and ders[0] == cert.public_bytes(serialization.Encoding.DER)

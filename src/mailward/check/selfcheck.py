@@ -24,18 +24,13 @@ from mailward.check.parts import (
     tlsa_owner,
 )
 from mailward.config import Config
-from mailward.delivery.dane import (
-    effective_records,
-    matching_data,
-    name_matches,
-    verify_chain,
-)
+from mailward.delivery.dane import effective_records, matching_data, name_matches, verify_chain
 from mailward.delivery.dns import DnsResolver
 
 # --- this server's own certificates -------------------------------------------------------------------
 
 
-def _read_next(path: Path) -> tuple[bytes | None, list[bytes]]:
+def read_next_key(path: Path) -> tuple[bytes | None, list[bytes]]:
     """(SPKI DER, certificate chain DER) of a next-key file: a certificate chain, a public key or a
     private key; the chain is empty for a bare key."""
     data = path.read_bytes()
@@ -70,7 +65,7 @@ async def check_self(config: Config, resolver: DnsResolver, *, port: int = 25) -
         next_chain: list[bytes] = []
         if pair.next_key is not None:
             try:
-                next_spki, next_chain = _read_next(pair.next_key)
+                next_spki, next_chain = read_next_key(pair.next_key)
             except (OSError, ValueError, TypeError) as exc:
                 raise CheckError(f"{key}.next_key: {pair.next_key} holds no PEM certificate or key ({exc}); "
                                  "point it at the next key or certificate.") from None
@@ -98,7 +93,8 @@ async def check_self(config: Config, resolver: DnsResolver, *, port: int = 25) -
                 if next_chain:
                     after = verify_chain(found.records, next_chain, [name]).verified
                 else:
-                    # A bare key: only SPKI records (selector 1) can name it ahead of its certificate.
+                    # A bare key: only SPKI records (selector 1) can name it ahead of its certificate,
+                    # and a DANE-TA record covers whatever key its CA signs next.
                     after = any(r.selector == 1 and matching_data(next_spki, r.matching_type) == r.data
                                 for r in effective_records(found.records) if r.usage == 3) or \
                         any(r.usage == 2 for r in usable)
@@ -132,8 +128,8 @@ async def check_self(config: Config, resolver: DnsResolver, *, port: int = 25) -
                                         f"'{owner} IN TLSA 3 1 1 {hashlib.sha256(next_spki).hexdigest()}' "
                                         "beside the current record and wait two TTLs", name)
                 worst = max(worst, 1)
-            elif after is None and pair.next_key is None and found.status == "secure" and usable and \
-                    all(r.usage == 3 for r in usable) and now_ok is not None and now_ok.verified:
+            elif after is None and pair.next_key is None and now_ok is not None and now_ok.verified and \
+                    all(r.usage == 3 for r in usable) and len(effective_records(usable)) == 1:
                 note(report, "info", f"only the current key is published at {owner}: before a key "
                                      f"rollover, set {key}.next_key and publish its record too", name)
     if not covered:
