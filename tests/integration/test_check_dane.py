@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 import pytest
+from dane_lab import EE_SELF
 from test_dane_delivery import CASES, Case, World, posttls_finger
 from test_dane_delivery import world as dane_world  # noqa: F401  (the fixture, under its own name)
 from tlsrpt_lab import rua
@@ -122,3 +123,12 @@ def test_tlsrpt_records(dane_world: World, checks: dict[str, tuple[int, Any]]) -
             assert (tlsrpt["rua"], tlsrpt["error"]) == (published[case.domain].split(","), None), tlsrpt
         else:
             assert tlsrpt["rua"] == [] and tlsrpt["error"] == "no TXT record starts with v=TLSRPTv1", tlsrpt
+
+
+def test_an_address_literal(dane_world: World) -> None:  # noqa: F811
+    # No DNS, so no DANE: opportunistic TLS to the address, as delivery to [address] would do.
+    status, report = run_check(dane_world, f"[{EE_SELF}]")
+    assert (status, report["verdict"], report["tlsrpt"]) == (1, "insecure", None), report["reason"]
+    (host,) = report["mx"]
+    assert (host["name"], host["verdict"]) == (EE_SELF, "Untrusted")
+    assert report["delivery"]["relay"] == f"{EE_SELF}[{EE_SELF}]:{dane_world.lab.smtp_port}"

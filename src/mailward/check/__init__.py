@@ -1,7 +1,7 @@
 """`mailward check`: a domain's mail transport security at a glance, with the verdict mailward's own
 delivery would reach.
 
-This module owns the diagnosis and its presentation, never a policy of its own. The plan comes
+This package owns the diagnosis and its presentation, never a policy of its own. The plan comes
 from `policytool.survey` (the Deliverer's `destination_for`, DNS lookups, `lookup_tlsa`, MTA-STS
 through `mtasts.sts_facts` and `policy.plan`); every connection is `attempt.Session.open` with the
 planned `Candidate`, so STARTTLS, the handshake and the DANE or PKIX judgement are delivery's. A
@@ -10,11 +10,12 @@ decoded TLSA records, the certificate chain and which record matched which certi
 common mistakes called out by name (a key rollover without a new TLSA record, a DANE-TA chain
 without its anchor, TLSA records nobody may use, MTA-STS patterns that miss an MX host).
 
-Three forms: `check DOMAIN` (MX delivery, or the route or smarthost that takes the domain),
-`check --host H --port 465|587` (a submission server) and `check --self` (this server's
-certificates against the TLSA records published for its names). The JSON schema and the exit
-status are documented in docs/check.md: 0 secure, 1 insecure but deliverable, 2 would defer,
-3 the check could not run.
+Three forms: `check DOMAIN` (MX delivery, or the route or smarthost that takes the domain;
+domain.py), `check --host H --port 465|587` (a submission server; submission.py) and
+`check --self` (this server's certificates against the TLSA records published for its names;
+selfcheck.py). parts.py holds the probe and the description of records and certificates, text.py
+the terminal form. The JSON schema and the exit status are documented in docs/check.md:
+0 secure, 1 insecure but deliverable, 2 would defer, 3 the check could not run.
 """
 
 from __future__ import annotations

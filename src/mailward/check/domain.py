@@ -159,11 +159,18 @@ async def check_domain(domain: str, config: Config, resolver: DnsResolver, *,
         raise CheckError(f"no DNS resolver answers ({resolver.labels}); start the resolver or fix "
                          "dns.resolvers.")
     hosts: list[dict[str, Any]] = [dict(h) for h in dns_part.pop("hosts", [])]
+    if not hosts and surveyed.facts is not None:
+        # An address literal: the plan's host came from no DNS answer.
+        hosts = [{"name": h.name, "preference": h.preference, "addresses": list(h.addresses),
+                  "dnssec": "insecure", "error": None, "tlsa": None, "tlsa_skipped": dns_part.get("reason")}
+                 for h in surveyed.facts.hosts]
     report: dict[str, Any] = {
         "schema": SCHEMA, "kind": "mx", "domain": domain, "verdict": "error", "reason": "",
         "level": base["level"], "level_source": base["source"], "destination": base["destination"],
         "dns": dns_part, "mta_sts": _sts_report(dest, recording),
-        "tlsrpt": await _tlsrpt(resolver, dest.domain) if dest.kind == "mx" else None,
+        # TLS-RPT belongs to a recipient domain, not to a route's host or an address literal.
+        "tlsrpt": await _tlsrpt(resolver, dest.domain) if dest.kind == "mx" and dest.next_hop is None
+        else None,
         "plan": base["plan"], "mx": hosts, "delivery": None, "findings": []}
     if not resolver.trust_ad:
         note(report, "warning", f"resolver {resolver.labels} is not on loopback, so mailward trusts no "
