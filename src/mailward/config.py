@@ -136,10 +136,12 @@ def _log_label(value: str) -> str:
     return value
 
 
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
 def _queue_url(value: str) -> str:
-    if value.startswith(("postgresql://", "postgres://")):
-        raise _Invalid("PostgreSQL queues are not available in this version; remove queue.url to use the "
-                       "embedded SQLite queue")
+    if value.startswith(POSTGRES_SCHEMES) and not any(c.isspace() for c in value):
+        return value  # libpq reads the rest (host=/socket/dir in the query too); connecting checks it
     if not value.startswith("sqlite:///") or value == "sqlite:///":
         raise ValueError(value)
     return value
@@ -262,7 +264,7 @@ HOSTNAME = Check("a DNS name such as mail.example.org", _domain_name)
 DOMAIN = Check("a domain name such as example.org", _domain_name)
 IP_ADDRESS = Check("an IPv4 or IPv6 address such as 0.0.0.0 or ::", _ip_address)
 LOG_LABEL = Check("up to 64 letters, digits, '.', '_' or '-'", _log_label)
-QUEUE_URL = Check("sqlite:///PATH", _queue_url)
+QUEUE_URL = Check("sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DATABASE", _queue_url)
 NON_EMPTY = Check("a non-empty array", _non_empty)
 ROUTE_DOMAIN = Check("a domain such as example.org, or .example.org for its subdomains", _route_domain)
 POLICY_DESTINATION = Check("a domain such as example.org, .example.org for its subdomains, or [host]:port "
@@ -388,6 +390,10 @@ class AuthConfig:
         "failed logins for one user before that user is locked out", 5))
     lockout_seconds: Annotated[float, Range(1, 86400)] = field(metadata=setting(
         "how long a lockout lasts, in seconds", 900))
+    failure_delay: Annotated[float, Range(0, 60)] = field(metadata=setting(
+        "seconds a failed login waits before its 535 reply; doubles with each recent failure", 0.5))
+    max_failure_delay: Annotated[float, Range(0, 600)] = field(metadata=setting(
+        "the most a failed login waits before its reply, in seconds", 8))
     verified_cache_seconds: Annotated[float, Range(0, 3600)] = field(metadata=setting(
         "how long a verified password is remembered (as an HMAC under a per-process key) so a "
         "client connecting once per message pays argon2 once; 0 checks every login in full", 300))
@@ -396,12 +402,20 @@ class AuthConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class QueueConfig:
     url: Annotated[str, QUEUE_URL] | None = field(metadata=setting(
-        "queue location as a URL instead of path: sqlite:///PATH, relative to this file's directory", None))
+        "queue location as a URL instead of path: sqlite:///PATH, relative to this file's directory, or "
+        "postgresql://... (a libpq URL; postgresql:///DB?host=/run/postgresql for a unix socket) for a queue "
+        "several nodes share; create its tables with `mailward queue migrate`", None))
     path: Path = field(metadata=setting(
-        "SQLite queue database",
-        Derived("state_dir/queue/queue.db, or the PATH of url",
-                lambda s: s.here["url"].removeprefix("sqlite:///") if s.here["url"]
+        "SQLite queue database (unused with a postgresql:// url)",
+        Derived("state_dir/queue/queue.db, or the PATH of a sqlite:/// url",
+                lambda s: s.here["url"].removeprefix("sqlite:///")
+                if s.here["url"] and s.here["url"].startswith("sqlite:///")
                 else s.root["state_dir"] / "queue" / "queue.db")))
+
+    @property
+    def postgres_url(self) -> str | None:
+        """The PostgreSQL URL when the queue is shared, None for the embedded SQLite queue."""
+        return self.url if self.url is not None and self.url.startswith(POSTGRES_SCHEMES) else None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -850,7 +864,7 @@ def _check_whole(config: Config, raw: Mapping[str, Any], loader: _Loader) -> Non
                 "key=... or run mailward serve --demo.")
     queue = config.queue
     # Both may be given when they agree, so describe()'s output loads back as it is.
-    if queue.url is not None and "path" in raw.get("queue", {}):
+    if queue.url is not None and queue.postgres_url is None and "path" in raw.get("queue", {}):
         from_url = loader.value(Path, queue.url.removeprefix("sqlite:///"), "queue.url")
         if from_url != queue.path:
             raise ConfigError("queue.url and queue.path name different queue files; keep only one of them.")

@@ -11,6 +11,7 @@ import secrets
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mailward import __version__
 from mailward.auth import AuthThrottle, UserStore, UserStoreError
@@ -23,6 +24,9 @@ from mailward.queue.sqlite import SqliteQueue
 from mailward.reports.tlsrpt import ReportResolver, ReportSender
 from mailward.tls import CertificateError, CertPair, ServerTls, demo_ca_path, make_demo_certificate
 
+if TYPE_CHECKING:
+    from mailward.queue.postgres import PostgresQueue
+
 log = logging.getLogger("mailward")
 
 DRAIN_SECONDS = 30.0
@@ -31,6 +35,27 @@ DEMO_USER = "demo@mailward.test"
 
 class StartupError(Exception):
     """Something the operator must fix before mailward can start; the message says what and how."""
+
+
+async def open_queue(cfg: Config) -> SqliteQueue | PostgresQueue:
+    """The configured queue: shared on PostgreSQL when queue.url names it, else the embedded SQLite."""
+    url = cfg.queue.postgres_url
+    if url is None:
+        try:
+            return await SqliteQueue.open(cfg.queue.path)
+        except (QueueError, OSError) as exc:
+            raise StartupError(
+                f"the queue at {cfg.queue.path} cannot be opened ({exc}); check that the directory "
+                "exists and is writable by mailward.") from None
+    try:
+        from mailward.queue.postgres import PostgresQueue
+    except ImportError:
+        raise StartupError("queue.url names a PostgreSQL queue, but its driver (psycopg) is not installed; "
+                           "install it with pip install 'mailward[postgres]'.") from None
+    try:
+        return await PostgresQueue.open(url)
+    except QueueError as exc:
+        raise StartupError(str(exc)) from None
 
 
 def configure_logging(level: str, fmt: str) -> None:
@@ -99,7 +124,7 @@ class Service:
         self.config = config
         self.listeners: list[Listener] = []
         self.tls: ServerTls | None = None
-        self.queue: SqliteQueue | None = None
+        self.queue: SqliteQueue | PostgresQueue | None = None
         self.deliverer: Deliverer | None = None
         self.delivery_task: asyncio.Task[None] | None = None
         self.tlsrpt_task: asyncio.Task[None] | None = None
@@ -122,12 +147,7 @@ class Service:
             users.list()
         except UserStoreError as exc:
             raise StartupError(str(exc)) from None
-        try:
-            self.queue = await SqliteQueue.open(cfg.queue.path)
-        except (QueueError, OSError) as exc:
-            raise StartupError(
-                f"the queue at {cfg.queue.path} cannot be opened ({exc}); check that the directory "
-                "exists and is writable by mailward.") from None
+        self.queue = await open_queue(cfg)
         try:
             self.deliverer = build_deliverer(cfg, self.queue)
         except ConfigError as exc:
@@ -135,7 +155,9 @@ class Service:
             raise StartupError(str(exc)) from None
         throttle = AuthThrottle(ip_limit=cfg.auth.max_failures_per_ip,
                                 user_limit=cfg.auth.max_failures_per_user,
-                                lockout=float(cfg.auth.lockout_seconds))
+                                lockout=float(cfg.auth.lockout_seconds),
+                                first_delay=float(cfg.auth.failure_delay),
+                                max_delay=float(cfg.auth.max_failure_delay))
         services = InboundServices(cfg, self.queue, self.tls, users, throttle,
                                    local_refusal=LocalRecipients.from_config(cfg).refusal)
         for i, lc in enumerate(cfg.listeners):

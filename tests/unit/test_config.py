@@ -82,7 +82,7 @@ def test_defaults() -> None:
         CertificateConfig(cert=Path("/etc/tls/fullchain.pem"), key=Path("/etc/tls/privkey.pem")),))
     assert cfg.auth == AuthConfig(users_file=Path("/var/lib/mailward/users"), mechanisms=("PLAIN", "LOGIN"),
                                   max_failures_per_ip=10, max_failures_per_user=5, lockout_seconds=900.0,
-                                  verified_cache_seconds=300.0)
+                                  verified_cache_seconds=300.0, failure_delay=0.5, max_failure_delay=8.0)
     assert cfg.queue == QueueConfig(url=None, path=Path("/var/lib/mailward/queue/queue.db"))
     assert cfg.log == LogConfig(level="info", format="human")
 
@@ -116,6 +116,16 @@ def test_addresses_are_normalised() -> None:
     cfg = load({"listener": [{"kind": "mx", "address": "[::1]"}, {"kind": "mx", "address": "127.0.0.1"},
                              {"kind": "mx", "address": "0:0::0", "port": 2525}]})
     assert [lc.address for lc in cfg.listeners] == ["::1", "127.0.0.1", "::"]
+
+
+def test_a_postgresql_url_selects_the_shared_queue(tmp_path: Path) -> None:
+    for url in ("postgresql://mail:pw@db.example:5433/mailward", "postgres://db/mail",
+                "postgresql:///mailward?host=/run/postgresql"):
+        cfg = load({"listener": [], "queue": {"url": url}}, base_dir=tmp_path)
+        assert cfg.queue.postgres_url == url
+        assert cfg.queue.path == cfg.state_dir / "queue" / "queue.db"  # unused; never derived from the url
+    embedded = load({"listener": [], "queue": {"url": "sqlite:///q.db"}}, base_dir=tmp_path)
+    assert embedded.queue.postgres_url is None
 
 
 def test_sqlite_url_gives_the_queue_path(tmp_path: Path) -> None:
@@ -168,6 +178,8 @@ max_failures_per_ip = 3
 max_failures_per_user = 4
 lockout_seconds = 60
 verified_cache_seconds = 0
+failure_delay = 0.25
+max_failure_delay = 2
 
 [queue]
 path = "spool/queue.db"
@@ -270,7 +282,8 @@ def test_full_file_loads_every_value(tmp_path: Path, monkeypatch: pytest.MonkeyP
                               key=Path("/etc/letsencrypt/live/mx1/privkey.pem")),
         )),
         auth=AuthConfig(users_file=Path("/etc/mailward/users"), mechanisms=("PLAIN",), max_failures_per_ip=3,
-                        max_failures_per_user=4, lockout_seconds=60.0, verified_cache_seconds=0.0),
+                        max_failures_per_user=4, lockout_seconds=60.0, verified_cache_seconds=0.0,
+                        failure_delay=0.25, max_failure_delay=2.0),
         queue=QueueConfig(url=None, path=etc / "spool/queue.db"),
         log=LogConfig(level="debug", format="json"),
         delivery=DeliveryConfig(
@@ -383,10 +396,8 @@ ERRORS: list[tuple[dict[str, Any], str]] = [
     ({**L, "auth": {"lockout_seconds": 0}},
      "auth.lockout_seconds must be a number of seconds between 1 and 86400"),
     ({**L, "auth": {"users_file": 5}}, "auth.users_file must be a file path string, got 5."),
-    ({**L, "queue": {"url": "postgresql://db/mail"}},
-     "queue.url: PostgreSQL queues are not available in this version; remove queue.url to use the embedded "
-     "SQLite queue."),
-    ({**L, "queue": {"url": "mysql://db"}}, "queue.url must be sqlite:///PATH, got 'mysql://db'."),
+    ({**L, "queue": {"url": "mysql://db"}},
+     "queue.url must be sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DATABASE, got 'mysql://db'."),
     ({**L, "queue": {"url": "sqlite:///a.db", "path": "/b.db"}},
      "queue.url and queue.path name different queue files; keep only one of them."),
     ({**L, "auth": {"lockout_seconds": 0}},
