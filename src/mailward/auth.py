@@ -657,6 +657,11 @@ class AuthThrottle:
     outcome with `failure`/`success`, and waits `delay_for` before answering a failure. IPv6
     clients count per /64, the block one subscriber usually holds. Each table keeps at most
     `max_entries` keys, dropping the least recently failed first.
+
+    The per-user lockout stops guessing one password from many addresses, but on its own it would
+    also let anyone lock a user out. So an address from which the user logged in within
+    `known_for` seconds is exempt from that user's lockout and delay (never from its own address
+    limit): the user keeps working from where they usually are while the guessing is stopped.
     """
 
     def __init__(
@@ -669,6 +674,7 @@ class AuthThrottle:
         first_delay: float = 0.5,
         max_delay: float = 8.0,
         max_entries: int = 100_000,
+        known_for: float = 30 * 86400.0,
     ) -> None:
         if ip_limit < 1 or user_limit < 1 or max_entries < 1:
             raise ValueError("AuthThrottle limits must be at least 1")
@@ -679,8 +685,11 @@ class AuthThrottle:
         self.first_delay = first_delay
         self.max_delay = max_delay
         self.max_entries = max_entries
+        self.known_for = known_for
         self._by_ip: OrderedDict[str, _Failures] = OrderedDict()
         self._by_user: OrderedDict[str, _Failures] = OrderedDict()
+        # (user key, address key) -> time of the last successful login from there
+        self._known: OrderedDict[tuple[str, str], float] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._by_ip) + len(self._by_user)
@@ -688,7 +697,7 @@ class AuthThrottle:
     def check(self, ip: str, user: str | None, now: float) -> float | None:
         """None if an attempt is allowed now, else the seconds left of the lockout."""
         remaining = 0.0
-        for table, key in self._keys(ip, user):
+        for table, key in self._keys(ip, user, now):
             entry = table.get(key)
             if entry is not None:
                 remaining = max(remaining, entry.locked_until - now)
@@ -697,7 +706,7 @@ class AuthThrottle:
     def delay_for(self, ip: str, user: str | None, now: float) -> float:
         """Seconds to wait before answering a failed attempt; grows with recent failures."""
         count = 0
-        for table, key in self._keys(ip, user):
+        for table, key in self._keys(ip, user, now):
             entry = table.get(key)
             if entry is not None:
                 count = max(count, sum(1 for t in entry.times if t > now - self.window))
@@ -720,16 +729,38 @@ class AuthThrottle:
                 entry.locked_until = now + self.lockout
             self._evict(table, now)
 
-    def success(self, ip: str, user: str | None) -> None:
-        # Only the user's record is cleared: one valid login must not reset an address's budget
-        # for guessing other users' passwords.
-        if user:
-            self._by_user.pop(_throttle_user_key(user), None)
+    def withdraw(self, ip: str, user: str | None, at: float) -> None:
+        """Take back the failure recorded at `at`: the server counts each attempt as a failure
+        before the slow password check, so parallel guesses cannot all pass `check` first, and
+        withdraws it when the check succeeds (or could not be made)."""
+        for table, key in self._keys(ip, user):
+            entry = table.get(key)
+            if entry is None or at not in entry.times:
+                continue
+            entry.times.remove(at)
+            limit = self.ip_limit if table is self._by_ip else self.user_limit
+            if entry.locked_until == at + self.lockout and len(entry.times) < limit:
+                entry.locked_until = 0.0
 
-    def _keys(self, ip: str, user: str | None) -> builtins.list[tuple[OrderedDict[str, _Failures], str]]:
-        keys = [(self._by_ip, _throttle_ip_key(ip))]
+    def success(self, ip: str, user: str | None, now: float | None = None) -> None:
+        """Remember that `user` logged in from `ip`. The user's failures stay counted: were they
+        cleared, every login of the real user would give a guesser a fresh allowance."""
+        if user and now is not None:
+            pair = (_throttle_user_key(user), _throttle_ip_key(ip))
+            self._known[pair] = now
+            self._known.move_to_end(pair)
+            while len(self._known) > self.max_entries:
+                self._known.popitem(last=False)
+
+    def _keys(self, ip: str, user: str | None,
+              now: float | None = None) -> builtins.list[tuple[OrderedDict[str, _Failures], str]]:
+        ip_key = _throttle_ip_key(ip)
+        keys = [(self._by_ip, ip_key)]
         if user:
-            keys.append((self._by_user, _throttle_user_key(user)))
+            user_key = _throttle_user_key(user)
+            known = self._known.get((user_key, ip_key))
+            if now is None or known is None or known <= now - self.known_for:
+                keys.append((self._by_user, user_key))
         return keys
 
     def _evict(self, table: OrderedDict[str, _Failures], now: float) -> None:

@@ -746,6 +746,9 @@ class Session:
             log.warning("%s AUTH refused for %s: locked out", self.log_prefix, cred.authcid)
             engine.respond(codes.AUTH_TEMPFAIL)
             return
+        # Counted before the check, which takes a while: otherwise parallel connections could all
+        # pass check() above and get more guesses than the limit allows.
+        services.throttle.failure(self.client_ip, cred.authcid, now)
         record = None
         if services.users is not None:
             # argon2 costs tens of milliseconds of CPU: keep it off the event loop.
@@ -753,19 +756,22 @@ class Session:
                 record = await asyncio.get_running_loop().run_in_executor(
                     None, services.users.verify, cred.authcid, cred.password)
             except UserStoreError as exc:
+                services.throttle.withdraw(self.client_ip, cred.authcid, now)
                 log.error("%s AUTH impossible: %s", self.log_prefix, exc)
                 engine.respond(codes.AUTH_TEMPFAIL)
                 return
         if record is None:
-            await self._auth_failed(cred.authcid, "bad credentials")
+            await self._auth_failed(cred.authcid, "bad credentials", counted=True)
             return
-        services.throttle.success(self.client_ip, record.name)
+        services.throttle.withdraw(self.client_ip, cred.authcid, now)
+        services.throttle.success(self.client_ip, record.name, now)
         log.info("%s AUTH %s ok", self.log_prefix, record.name)
         engine.auth_succeeded(record.name)
 
-    async def _auth_failed(self, user: str | None, reason: str) -> None:
+    async def _auth_failed(self, user: str | None, reason: str, *, counted: bool = False) -> None:
         throttle = self.services.throttle
-        throttle.failure(self.client_ip, user, self.services.clock())
+        if not counted:
+            throttle.failure(self.client_ip, user, self.services.clock())
         delay = throttle.delay_for(self.client_ip, user, self.services.clock())
         log.warning("%s AUTH failed for %s: %s", self.log_prefix, user or "?", reason)
         if delay > 0:

@@ -589,15 +589,46 @@ def test_failures_outside_window_do_not_count():
     assert throttle.delay_for("192.0.2.200", "alice", 360.0) == 1.0
 
 
-def test_success_clears_user_but_not_address():
+def test_success_keeps_the_counts_a_guesser_built_up():
+    """A login of the real user must not hand a guesser a fresh allowance for that user."""
     throttle = AuthThrottle(user_limit=5, ip_limit=10)
     for attempt in range(4):
-        throttle.failure("192.0.2.1", "alice", float(attempt))
-    throttle.success("192.0.2.1", "Alice")
-    throttle.failure("192.0.2.1", "alice", 5.0)
-    assert throttle.check("192.0.2.1", "alice", 5.0) is None
-    assert throttle.delay_for("192.0.2.2", "alice", 5.0) == 0.5
-    assert throttle.delay_for("192.0.2.1", None, 5.0) == 8.0
+        throttle.failure(f"192.0.2.{attempt}", "alice", float(attempt))
+    throttle.success("198.51.100.1", "Alice", 4.0)
+    throttle.failure("192.0.2.9", "alice", 5.0)
+    assert throttle.check("192.0.2.10", "alice", 5.0) is not None
+    assert throttle.check("198.51.100.1", "alice", 5.0) is None  # where she logged in
+    assert throttle.delay_for("192.0.2.0", None, 5.0) == 0.5
+
+
+def test_withdraw_takes_back_a_failure_counted_ahead():
+    throttle = AuthThrottle(user_limit=2, ip_limit=10, lockout=60.0)
+    throttle.failure("192.0.2.1", "alice", 1.0)
+    throttle.failure("192.0.2.1", "alice", 2.0)  # counted before the check, which then succeeded
+    assert throttle.check("192.0.2.5", "alice", 2.0) is not None
+    throttle.withdraw("192.0.2.1", "alice", 2.0)
+    assert throttle.check("192.0.2.5", "alice", 2.0) is None
+    assert throttle.delay_for("192.0.2.1", None, 2.0) == 0.5
+
+
+def test_user_lockout_spares_addresses_the_user_logged_in_from():
+    """Guessing alice's password from many addresses locks alice out everywhere except where she
+    logged in recently; that address still has its own limit, and the exemption expires."""
+    throttle = AuthThrottle(user_limit=5, ip_limit=10, lockout=900.0, known_for=3600.0)
+    throttle.success("198.51.100.7", "alice", 0.0)
+    for attempt in range(20):
+        throttle.failure(f"192.0.2.{attempt}", "alice", 10.0 + attempt)
+    assert throttle.check("192.0.2.200", "alice", 40.0) is not None  # a new address: locked
+    assert throttle.check("198.51.100.7", "ALICE", 40.0) is None  # her usual one: not
+    assert throttle.delay_for("198.51.100.7", "alice", 40.0) == 0.0
+    assert throttle.check("198.51.100.7", "bob", 40.0) is None
+    for attempt in range(10):
+        throttle.failure("198.51.100.7", None, 50.0 + attempt)
+    assert throttle.check("198.51.100.7", "alice", 60.0) is not None  # its own limit still holds
+    throttle.success("198.51.100.8", "alice", 0.0)
+    for attempt in range(5):
+        throttle.failure(f"203.0.113.{attempt}", "alice", 3700.0 + attempt)
+    assert throttle.check("198.51.100.8", "alice", 3705.0) is not None  # known_for has passed
 
 
 def test_ipv6_counts_per_64_and_mapped_ipv4_as_ipv4():
