@@ -7,7 +7,6 @@ bodies (the queue's reader checks length and digest), and nothing torn may be th
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import smtplib
@@ -16,22 +15,14 @@ import time
 import uuid
 from collections import Counter
 
-from conftest import MakeServer
+from crashload import body_for
 from mailward_server import PASSWORD, USER, MailwardServer
 from smtp_peer import verifying_context
 
+from conftest import MakeServer
+
 CLIENTS = 20
 ROUNDS = 3
-BIG_EVERY = 15  # every 15th message is larger than the queue's in-memory spool threshold (256 KiB)
-
-
-def body_for(msg_id: str) -> bytes:
-    """Deterministic content from the id, so the test can recompute what must have been stored."""
-    n = int(hashlib.sha256(msg_id.encode()).hexdigest()[:4], 16)
-    lines = 5000 if n % BIG_EVERY == 0 else 10 + n % 50
-    head = f"From: {USER}\r\nTo: bob@example.org\r\nSubject: {msg_id}\r\n\r\n"
-    text = "".join(f"{msg_id} line {i:05d} .......................\r\n" for i in range(lines))
-    return (head + text).encode()
 
 
 class Submitters:
