@@ -316,7 +316,7 @@ class TlsReporter:
         self._pending.clear()
         try:
             await self.store.add_tlsrpt_tallies(batch)
-        except (QueueError, OSError) as exc:
+        except Exception as exc:  # whatever the store raises, delivery goes on
             log.warning("TLS report counts for %d sessions could not be stored: %s",
                         sum(t.count for t in batch), exc)
 
