@@ -132,3 +132,35 @@ def test_an_address_literal(dane_world: World) -> None:  # noqa: F811
     (host,) = report["mx"]
     assert (host["name"], host["verdict"]) == (EE_SELF, "Untrusted")
     assert report["delivery"]["relay"] == f"{EE_SELF}[{EE_SELF}]:{dane_world.lab.smtp_port}"
+
+
+# The fields docs/check.md promises; a report may carry more, never fewer.
+TOP = {"schema", "kind", "domain", "verdict", "reason", "mx", "findings", "level", "level_source",
+       "destination", "dns", "mta_sts", "tlsrpt", "plan", "delivery"}
+HOST = {"name", "preference", "addresses", "dnssec", "error", "tlsa", "tlsa_skipped", "tlsa_ignored",
+        "mta_sts_match", "skipped", "requirement", "connections", "verdict", "reason"}
+CONNECTION = {"address", "port", "relay", "requirement", "connected", "banner", "ehlo", "ehlo_tls",
+              "starttls", "tls", "certificates", "certificates_from", "pkix", "dane", "accepted", "outcome",
+              "error", "plaintext_retry", "verdict"}
+RECORD = {"usage", "selector", "matching_type", "data", "meaning", "usable", "why_unusable", "ignored",
+          "matches"}
+CERT = {"depth", "subject", "issuer", "names", "ip_addresses", "not_before", "not_after", "expired", "key",
+        "spki_sha256", "tlsa_matches"}
+
+
+def test_every_report_has_the_documented_fields(checks: dict[str, tuple[int, Any]]) -> None:
+    for domain, (_, report) in checks.items():
+        assert set(report) >= TOP, (domain, TOP - set(report))
+        assert report["verdict"] in ("secure", "insecure", "defer", "error")
+        for finding in report["findings"]:
+            assert set(finding) == {"severity", "host", "text"} and finding["severity"] in (
+                "error", "warning", "info")
+        for host in report["mx"]:
+            assert set(host) >= HOST, (domain, HOST - set(host))
+            assert host["verdict"] in ("Verified", "Trusted", "Untrusted", "Plaintext", "Unreachable")
+            for record in (host["tlsa"] or {}).get("records", []):
+                assert set(record) >= RECORD, (domain, RECORD - set(record))
+            for conn in host["connections"]:
+                assert set(conn) >= CONNECTION, (domain, CONNECTION - set(conn))
+                for cert in conn["certificates"]:
+                    assert set(cert) >= CERT, (domain, CERT - set(cert))
