@@ -89,7 +89,11 @@ def cmd_queue(args: argparse.Namespace) -> int:
     config = _config(args)
     # The pid file `mailward serve` writes, so retry and flush can say whether a server will act.
     server = queuetool.Server(config.state_dir / "mailward.pid", config.delivery.enabled)
-    return queuetool.run(args, config.queue.path, server=server)
+    if args.queue_command in ("migrate", "export", "import"):
+        from mailward.queue import postgres_tool
+
+        return postgres_tool.run(args, config)
+    return queuetool.run(args, config.queue.path, server=server, url=config.queue.postgres_url)
 
 
 def cmd_tlsrpt(args: argparse.Namespace) -> int:

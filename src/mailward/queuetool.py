@@ -61,6 +61,8 @@ from typing import Any, TypeVar
 
 from mailward.queue import CorruptMessage, RecipientState, StoredMessage, TlsRptTally, TlsVerdict
 from mailward.queue import sqlite_store as store
+from mailward.queue.postgres_tool import SharedQueue, ToolError
+from mailward.queue.postgres_tool import add_parsers as add_shared_parsers
 
 BUSY_TIMEOUT = 10.0  # seconds to wait for the server's writer to finish its batch
 HEADER_LIMIT = 256 * 1024  # `show` reads at most this much of a body looking for the header end
@@ -419,7 +421,7 @@ def _ids(raw: Sequence[str]) -> list[str]:
     return [i.strip().upper() for i in raw]
 
 
-def cmd_list(queue: QueueFile, out: _Output, now: float) -> int:
+def cmd_list(queue: QueueFile | SharedQueue, out: _Output, now: float) -> int:
     messages, corrupt = queue.messages()
     for bad in corrupt:
         _warn(f"{bad}; the server holds it the next time it reads it.")
@@ -427,7 +429,7 @@ def cmd_list(queue: QueueFile, out: _Output, now: float) -> int:
     return EXIT_OK
 
 
-def cmd_show(queue: QueueFile, out: _Output, now: float, ids: Sequence[str]) -> int:
+def cmd_show(queue: QueueFile | SharedQueue, out: _Output, now: float, ids: Sequence[str]) -> int:
     status = EXIT_OK
     payload: list[dict[str, Any]] = []
     texts = []
@@ -449,7 +451,7 @@ def cmd_show(queue: QueueFile, out: _Output, now: float, ids: Sequence[str]) -> 
     return status
 
 
-def cmd_change(queue: QueueFile, out: _Output, action: str, ids: Sequence[str]) -> int:
+def cmd_change(queue: QueueFile | SharedQueue, out: _Output, action: str, ids: Sequence[str]) -> int:
     op = {"hold": queue.hold, "release": queue.release, "delete": queue.delete}[action]
     done = {"hold": "held", "release": "released", "delete": "deleted"}[action]
     status = EXIT_OK
@@ -516,7 +518,7 @@ def _when_effective(server: Server | None) -> None:
     # Otherwise the running server sees the change within about a second by itself.
 
 
-def cmd_retry(queue: QueueFile, out: _Output, now: float, ids: Sequence[str],
+def cmd_retry(queue: QueueFile | SharedQueue, out: _Output, now: float, ids: Sequence[str],
               server: Server | None) -> int:
     wanted = _ids(ids)
     due = set(queue.retry(wanted, now))
@@ -543,7 +545,7 @@ def cmd_retry(queue: QueueFile, out: _Output, now: float, ids: Sequence[str],
     return status
 
 
-def cmd_flush(queue: QueueFile, out: _Output, now: float, server: Server | None) -> int:
+def cmd_flush(queue: QueueFile | SharedQueue, out: _Output, now: float, server: Server | None) -> int:
     due = set(queue.retry(None, now))
     messages, _ = queue.messages()
     held = sum(1 for m in messages if m.held)
@@ -557,13 +559,22 @@ def cmd_flush(queue: QueueFile, out: _Output, now: float, server: Server | None)
 
 
 def run(args: argparse.Namespace, queue_path: Path, now: float | None = None,
-        server: Server | None = None) -> int:
-    """Run one `mailward queue` subcommand against the queue file at `queue_path`; `server` says
-    where the server's pid file is, so retry and flush can tell whether it is running."""
+        server: Server | None = None, url: str | None = None) -> int:
+    """Run one `mailward queue` subcommand against the queue file at `queue_path`, or the PostgreSQL
+    queue at `url`; `server` says where the server's pid file is, so retry and flush can tell
+    whether it is running (not asked for a shared queue: other nodes act on changes too)."""
     out = _Output(json=bool(getattr(args, "json", False)))
-    queue = QueueFile(queue_path)
     clock = time.time() if now is None else now
     action: str = args.queue_command
+    queue: QueueFile | SharedQueue
+    try:
+        if url is None:
+            queue = QueueFile(queue_path)
+        else:
+            queue, server = SharedQueue(url), None
+    except (QueueToolError, ToolError) as exc:
+        _warn(str(exc))
+        return EXIT_SETUP
     try:
         if action == "list":
             return cmd_list(queue, out, clock)
@@ -577,6 +588,9 @@ def run(args: argparse.Namespace, queue_path: Path, now: float | None = None,
     except QueueToolError as exc:
         _warn(str(exc))
         return EXIT_SETUP
+    finally:
+        if isinstance(queue, SharedQueue):
+            queue.close()
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser,
@@ -605,3 +619,4 @@ def add_parser(sub: Any, common: argparse.ArgumentParser,
     p = queue_sub.add_parser("flush", parents=parents,
                              help="try every deferred recipient of every message not on hold now")
     p.set_defaults(func=func)
+    add_shared_parsers(queue_sub, parents, func)

@@ -16,12 +16,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import MakeServer
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from mailward_server import PASSWORD, USER, MailwardServer
 from smtp_peer import Peer, dot_stuff
 
+from conftest import MakeServer
 from mailward.tls import make_demo_certificate
 
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
@@ -202,7 +202,9 @@ def test_startup_errors_are_one_sentence(make_server: MakeServer) -> None:
         "bad value": (good.replace(f"port = {server.mx}", "port = 70000"), "65535"),
         "bad kind": (good.replace('kind = "mx"', 'kind = "smtp"'), "listener[0].kind"),
         "syntax error": (good + "\n[[listener]\n", "fix the TOML syntax"),
-        "queue url": ('queue = { url = "postgresql://db/mail" }\n' + good, "PostgreSQL"),
+        # A socket directory where no server listens: refused at once, without DNS or network.
+        "queue url": (f'queue = {{ url = "postgresql:///mail?host={server.root}" }}\n' + good,
+                      "cannot connect to PostgreSQL"),
     }
     (server.root / "garbage.pem").write_text("this is not a certificate\n")
     for name, (text, needle) in cases.items():

@@ -600,19 +600,23 @@ class PostgresQueue:
         return released
 
     async def retry(self, ids: Sequence[str] | None, now: float) -> int:
+        return len(await self.retry_ids(ids, now))
+
+    async def retry_ids(self, ids: Sequence[str] | None, now: float) -> builtins.list[str]:
+        """`retry`, returning the ids of the messages now due (or in delivery), in id order."""
         chosen = None if ids is None else sorted(set(ids))
         if chosen == []:
-            return 0
+            return []
         where = "NOT held" if chosen is None else "NOT held AND id = ANY(%(ids)s)"
         args = {"now": now, "ids": chosen}
 
-        async def retry(conn: AsyncConnection[Any]) -> int:
+        async def retry(conn: AsyncConnection[Any]) -> builtins.list[str]:
             async with conn.transaction(), conn.cursor() as cur:
                 # Message rows first, in id order, as every other change locks them: no deadlocks.
                 await cur.execute(f"SELECT id FROM message WHERE {where} ORDER BY id FOR UPDATE", args)
-                due = [row[0] for row in await cur.fetchall()]
+                due: builtins.list[str] = [row[0] for row in await cur.fetchall()]
                 if not due:
-                    return 0
+                    return due
                 await cur.execute(
                     "UPDATE recipient SET next_attempt_at = %(now)s WHERE status IN ('queued', 'deferred')"
                     " AND (next_attempt_at IS NULL OR next_attempt_at > %(now)s)"
@@ -625,12 +629,12 @@ class PostgresQueue:
                     " AND (lease_expires_at IS NULL OR lease_expires_at <= %(now)s)"
                     " AND (next_attempt_at IS NULL OR next_attempt_at > %(now)s)", {"now": now, "due": due})
                 await self._notify(cur)
-                return len(due)
+                return due
 
-        count = await self._run(retry)
-        if count:
+        due = await self._run(retry)
+        if due:
             self._wake()
-        return count
+        return due
 
     async def delete(self, id: str) -> bool:
         async def delete(conn: AsyncConnection[Any]) -> bool:

@@ -148,7 +148,7 @@ def test_connection_failures_are_one_sentence_without_the_password(pg_server: Pg
     with pytest.raises(QueueError,
                        match=r"cannot connect to PostgreSQL at .*check that PostgreSQL is running"):
         run(lambda: PostgresQueue.open(nowhere))
-    with pytest.raises(QueueError, match="queue.url is not a valid PostgreSQL URL") as malformed:
+    with pytest.raises(QueueError, match=r"queue\.url is not a valid PostgreSQL URL") as malformed:
         run(lambda: PostgresQueue.open("postgresql://u:pass word@/db?host=/nowhere"))
     assert "pass word" not in str(malformed.value)
     assert describe_url(pg_server.url("mail")) == f"PostgreSQL at {pg_server.socket_dir}, database mail"
