@@ -72,7 +72,17 @@ OUTCOMES = {
     "cached.sts.test": "sent",  # the policy fetch fails (HTTP 500): opportunistic
     "testing.sts.test": "sent",  # MTA-STS testing, wrong name; its _smtp._tls record is not valid
     "nomatch-only.dane.test": "deferred",  # no _smtp._tls record: no report
+    "selfsigned.dane.test": "deferred",  # level verify (a policy row): a self-signed certificate
+    "notlsa.dane.test": "deferred",  # level dane-only (a policy row), and no TLSA records
 }
+POLICY_ROWS = """\
+[[delivery.policy]]
+destination = "selfsigned.dane.test"
+level = "verify"
+[[delivery.policy]]
+destination = "notlsa.dane.test"
+level = "dane-only"
+"""
 
 
 # --- the HTTPS sink --------------------------------------------------------------------------------
@@ -267,8 +277,8 @@ def world(dns_lab: DnsLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         mailbox.write_config()
         (mailbox.maildir).mkdir(parents=True)  # a mailbox made by the operator, without a login
         sender = MailwardServer(root / "sender", deliver=True, extra_toml=delivery_toml(
-            relay=tuple(OUTCOMES), port=port, connect_timeout=3, command_timeout=5, retry_initial=3600,
-            per_destination=1, slow_start_initial=1)
+            POLICY_ROWS, relay=tuple(OUTCOMES), port=port, connect_timeout=3, command_timeout=5,
+            retry_initial=3600, per_destination=1, slow_start_initial=1)
             + lab.dns_toml + f'[mta_sts]\nca_file = "{ca_file}"\nfetch_timeout = 3\n'
             + f'[tlsrpt]\norganization = "mailward TLS-RPT lab"\nhttps_ca_file = "{ca_file}"\n'
             + "send_hour = 0\n")
@@ -471,6 +481,17 @@ def test_testing_mode_counts_what_enforce_would_refuse(world: World) -> None:
     assert (tally.policy_type, tally.result_type, tally.receiving_mx, tally.count) == (
         "sts", "validation-failure", "mx-other.sts.test", 1)
     assert tally.reason_code == "mx-other.sts.test is not listed in the MTA-STS policy"
+
+
+def test_operator_levels_count_too(world: World) -> None:
+    # No report goes out for these (no _smtp._tls records), but the day's counts hold them.
+    by_domain = {t.domain: t for t in world.tallies if t.result_type}
+    verify, dane_only = by_domain["selfsigned.dane.test"], by_domain["notlsa.dane.test"]
+    assert (verify.policy_type, verify.result_type, verify.receiving_mx, verify.receiving_ip) == (
+        "no-policy-found", "certificate-not-trusted", "ee-self.dane.test", EE_SELF)
+    assert verify.reason_code == "certificate verification failed: self-signed certificate"
+    assert (dane_only.policy_type, dane_only.result_type, dane_only.receiving_mx, dane_only.count) == (
+        "tlsa", "dane-required", "notlsa-mx.dane.test", 1)
 
 
 def test_a_failed_policy_fetch_is_reported(world: World) -> None:
