@@ -370,6 +370,8 @@ class _LocalStream(_InboundStream):
 class _MessageState:
     txn: Transaction
     recipients: list[str] = field(default_factory=list)
+    # The queue failed while the body arrived (e.g. disk full): the rest is read and dropped.
+    failed: bool = False
 
 
 class Session:
@@ -505,8 +507,7 @@ class Session:
     async def _handle(self, ev: ServerEvent) -> None:
         engine = self.engine
         if isinstance(ev, BodyChunk):
-            assert self.message is not None
-            await self.message.txn.write_body(ev.data)
+            await self._body_chunk(ev.data)
         elif isinstance(ev, EhloReceived):
             engine.accept()
         elif isinstance(ev, MailReceived):
@@ -646,10 +647,29 @@ class Session:
             return
         self.engine.accept()
 
+    async def _body_chunk(self, data: bytes) -> None:
+        msg = self.message
+        assert msg is not None
+        if msg.failed:
+            return
+        try:
+            await msg.txn.write_body(data)
+        except QueueError as exc:
+            # Storage failed mid-DATA (a full disk under a spooled body). Cutting the connection
+            # here would look like a network fault to the client; instead read the rest, drop it,
+            # and answer 451 at the end of data, as a failed commit does. The transaction has
+            # discarded what it had, so nothing half-written can be queued.
+            log.error("%s queue error: %s", self.log_prefix, exc)
+            msg.failed = True
+
     async def _body_ended(self, ev: BodyEnded) -> None:
         msg = self.message
         assert msg is not None
         self.in_data = False
+        if msg.failed:
+            self.engine.respond(codes.LOCAL_ERROR)
+            await self._abort_message()
+            return
         try:
             queue_id = await msg.txn.commit()
         except QueueError as exc:

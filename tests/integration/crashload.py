@@ -28,7 +28,8 @@ BIG_EVERY = 15  # test_crash: every 15th message is larger than the queue's in-m
 
 
 def body_for(msg_id: str, big_every: int | None = BIG_EVERY) -> bytes:
-    """Deterministic content from the id; with `big_every`, one in that many is about 250 KiB."""
+    """Deterministic content from the id; with `big_every`, one in that many is 5,000 lines long
+    (past the queue's 256 KiB in-memory spool threshold when the id has 20 characters or more)."""
     n = int(hashlib.sha256(msg_id.encode()).hexdigest()[:4], 16)
     lines = 5000 if big_every and n % big_every == 0 else 10 + n % 50
     head = f"From: {USER}\r\nTo: bob@example.org\r\nSubject: {msg_id}\r\n\r\n"
