@@ -369,7 +369,8 @@ def policy_for_sts(lookup: StsLookup) -> ReportPolicy:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    # Reasons may quote a peer's reply: one line of printable text, whatever the peer sent.
+    return "".join(c if c.isprintable() else "?" for c in " ".join(text.split()))
 
 
 # --- the report (§4) ------------------------------------------------------------------------------
@@ -640,8 +641,8 @@ class ReportSender:
                 up.tries += 1
                 try:
                     await self.post(up.url, up.body)
-                except ReportUploadError as exc:
-                    up.last_error = str(exc)
+                except Exception as exc:  # a hostile or broken endpoint is a failed upload, no more
+                    up.last_error = str(exc) if isinstance(exc, ReportUploadError) else repr(exc)
                     log.warning("TLS report for %s (%s): POST %s failed (try %d): %s", up.domain, day,
                                 up.url, up.tries, exc)
                     failed.append(up)
@@ -657,9 +658,12 @@ class ReportSender:
         """POST one gzipped report (§5.4); raises ReportUploadError unless the server took it (2xx)."""
         import httpx
 
-        parts = urlsplit(url)
-        host = parts.hostname
-        if parts.scheme != "https" or not host:
+        try:
+            parts = urlsplit(url)
+            host, port = parts.hostname, parts.port or 443
+        except ValueError as exc:  # a port out of range, a malformed IPv6 literal
+            raise ReportUploadError(f"{url} is not a usable URL ({exc})") from None
+        if parts.scheme.lower() != "https" or not host:
             raise ReportUploadError(f"{url} is not an https URL")
         connect_to = host
         if self.resolver is not None and not _is_ip(host):
@@ -675,7 +679,7 @@ class ReportSender:
                 raise ReportUploadError(f"{host} has no address records")
             connect_to = found[0]
         ip_host = f"[{connect_to}]" if ":" in connect_to else connect_to
-        target = parts._replace(netloc=f"{ip_host}:{parts.port or 443}").geturl()
+        target = parts._replace(netloc=f"{ip_host}:{port}").geturl()
         headers = {"Content-Type": "application/tlsrpt+gzip", "Host": parts.netloc.rpartition("@")[2],
                    "User-Agent": "mailward"}
         limit = self.config.tlsrpt.https_timeout
@@ -714,8 +718,8 @@ class ReportSender:
             for domain, what in (await self.send_day(yesterday)).items():
                 log.info("TLS report for %s (%s): %s", domain, yesterday, what)
             await self.queue.prune_tlsrpt((today - timedelta(days=KEEP_DAYS)).isoformat())
-        except (QueueError, OSError) as exc:
-            log.error("TLS reports for %s: %s", yesterday, exc)
+        except Exception:  # the daily task must live to run tomorrow
+            log.exception("TLS reports for %s failed", yesterday)
 
 
 def next_run_at(now: float, hour: int) -> float:
@@ -744,5 +748,5 @@ def _plausible_address(address: str) -> bool:
     odd = any(c.isspace() or ord(c) < 0x20 or c in "<>,;" for c in address)
     ok = bool(at and local and domain) and not odd
     if not ok:
-        log.info("TLS report rua mailto:%s is not an address; skipped", address)
+        log.info("TLS report rua mailto:%r is not an address; skipped", address)
     return ok

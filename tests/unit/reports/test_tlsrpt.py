@@ -7,6 +7,7 @@ import email
 import email.policy
 import gzip
 import json
+import logging
 import ssl
 from datetime import UTC, datetime
 from pathlib import Path
@@ -170,10 +171,13 @@ def test_reporter_counts_sessions_per_day_and_detail(tmp_path: Path) -> None:
                                  receiving_ip="192.0.2.1")
             reporter.session("example.org", sts, "starttls-not-supported", mx_host="mx2.example.org",
                              receiving_ip="192.0.2.2", sending_ip="192.0.2.9",
-                             reason="STARTTLS not\r\n offered")
+                             reason="STARTTLS not\r\n offered\x1b")
             reporter.session("example.org", sts, "starttls-not-supported", mx_host="mx2.example.org",
-                             receiving_ip="192.0.2.2", sending_ip="192.0.2.9", reason="STARTTLS not offered")
-            await asyncio.sleep(0.05)  # the timer writes the batch
+                             receiving_ip="192.0.2.2", sending_ip="192.0.2.9", reason="STARTTLS not offered?")
+            for _ in range(500):  # the timer writes the batch, without a flush() of ours
+                if len(await queue.load_tlsrpt_tallies(DAY)) == 2:
+                    break
+                await asyncio.sleep(0.01)
             assert len(await queue.load_tlsrpt_tallies(DAY)) == 2
             reporter.sts_lookup(StsLookup("example.net", failure="sts-policy-invalid", detail="bad mode"))
             reporter.sts_failure("example.net", count=True)
@@ -192,7 +196,7 @@ def test_reporter_counts_sessions_per_day_and_detail(tmp_path: Path) -> None:
     assert by["example.org", ""].receiving_mx == ""  # successes are not split by host
     failed = by["example.org", "starttls-not-supported"]
     got = (failed.count, failed.receiving_mx, failed.receiving_ip, failed.sending_ip, failed.reason_code)
-    assert got == (2, "mx2.example.org", "192.0.2.2", "192.0.2.9", "STARTTLS not offered")
+    assert got == (2, "mx2.example.org", "192.0.2.2", "192.0.2.9", "STARTTLS not offered?")
     fetch = by["example.net", "sts-policy-invalid"]
     assert (fetch.policy_type, fetch.count, fetch.reason_code) == ("sts", 1, "bad mode")
     assert len(tallies) == 3
@@ -479,3 +483,18 @@ def test_sts_testing_failures(tmp_path: Path) -> None:
     later = datetime(9000, 1, 1, tzinfo=UTC)  # trustme certificates last for centuries
     expired = sts_testing_failure(mx, "mx1.example.org", chain, ca_file, now=later)
     assert expired is not None and expired[0] == "certificate-expired"
+
+
+def test_odd_report_urls_are_failed_uploads(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "mailward.tlsrpt")
+    resolver = _Txt({"_smtp._tls.example.org": (
+        b"v=TLSRPTv1; rua=https://r.example.org:99999/x,https://[::1/x,mailto:bad%0d%0aaddress@example.org",)})
+
+    async def go() -> dict[str, str]:
+        async with await SqliteQueue.open(tmp_path / "q.db") as queue:
+            await queue.add_tlsrpt_tallies([TlsRptTally(DAY, "example.org", "no-policy-found")])
+            return await ReportSender(_config(tmp_path), queue, resolver, retry_delays=()).send_day(DAY)
+
+    result = asyncio.run(go())["example.org"]
+    assert "https://r.example.org:99999/x failed: " in result and "https://[::1/x failed: " in result
+    assert "mailto:'bad\\r\\naddress@example.org' is not an address; skipped" in caplog.text
