@@ -901,8 +901,15 @@ class Deliverer:
         """Count one new TLS session for TLS reporting; reused connections were counted when opened."""
         if self.tlsrpt is None or not (tls.active or tls.result_type):
             return  # no TLS was tried: a refused connection or a plaintext level is no TLS session
+        try:
+            self._count_session(self.tlsrpt, decision, candidate, tls, local_ip, chain)
+        except Exception:  # a count is not worth a delivery
+            log.exception("%s: TLS reporting could not count a session", decision.destination.key)
+
+    def _count_session(self, tlsrpt: TlsReporter, decision: Plan, candidate: Candidate, tls: TlsOutcome,
+                       local_ip: str | None, chain: Sequence[bytes]) -> None:
         domain = decision.destination.domain
-        sts = self.tlsrpt.sts(domain)
+        sts = tlsrpt.sts(domain)
         policy = policy_for(candidate, sts)
         result, reason = tls.result_type, tls.failure or ""
         if result is None and policy.type == "sts" and sts is not None and sts.policy is not None \
@@ -911,8 +918,8 @@ class Deliverer:
             found = sts_testing_failure(sts.policy.mx, candidate.host, chain, self.config.mta_sts.ca_file)
             if found is not None:
                 result, reason = found
-        self.tlsrpt.session(domain, policy, result, mx_host=candidate.host, receiving_ip=candidate.address,
-                            sending_ip=local_ip or "", reason=reason)
+        tlsrpt.session(domain, policy, result, mx_host=candidate.host, receiving_ip=candidate.address,
+                       sending_ip=local_ip or "", reason=reason)
 
     def _tally_unusable(self, destination: Destination, facts: RouteFacts,
                         tlsa: Mapping[str, TlsaFacts] | None, decision: Plan) -> None:

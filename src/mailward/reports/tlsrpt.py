@@ -354,7 +354,7 @@ def sts_testing_failure(mx: Sequence[str], host: str, chain: Sequence[bytes], ca
     try:
         names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
             .get_values_for_type(x509.DNSName)
-    except x509.ExtensionNotFound:
+    except (x509.ExtensionNotFound, ValueError):  # none, or one that cannot be decoded
         names = []
     if not any(name_matches(n, host) for n in names):
         return "certificate-host-mismatch", f"the certificate does not name {host}"
