@@ -187,7 +187,12 @@ class Service:
         if cfg.tlsrpt.enabled:
             # The daily TLS reports (RFC 8460): queued as mail here, delivered by the Deliverer.
             resolver = self.deliverer.resolver
-            sender = ReportSender(cfg, self.queue, resolver if isinstance(resolver, ReportResolver) else None)
+            txt = resolver if isinstance(resolver, ReportResolver) else None
+            try:
+                sender = ReportSender(cfg, self.queue, txt)
+            except ConfigError as exc:
+                await self.stop()
+                raise StartupError(str(exc)) from None
             self.tlsrpt_task = asyncio.get_running_loop().create_task(sender.run())
 
     def reload(self) -> None:

@@ -534,3 +534,14 @@ def test_tlsrpt_show_prints_what_was_sent(world: World) -> None:
         assert by_domain[domain]["report"] == json.loads(gzip.decompress(upload.body))
         assert by_domain[domain]["sent"] == by_domain[domain]["report"]["report-id"]
     assert by_domain["testing.sts.test"]["sent"] is None
+
+
+def test_a_bad_report_ca_file_stops_start_up_with_one_sentence(tmp_path: Path) -> None:
+    missing = tmp_path / "none.pem"
+    server = MailwardServer(tmp_path / "bad", extra_toml=f'[tlsrpt]\nhttps_ca_file = "{missing}"\n')
+    server.write_config()
+    with pytest.raises(RuntimeError, match="exited early"):
+        server.start()
+    log = server.log()
+    assert f"tlsrpt.https_ca_file: {missing} cannot be used" in log, log
+    assert "Traceback" not in log, log

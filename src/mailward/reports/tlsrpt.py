@@ -535,14 +535,20 @@ class ReportSender:
     def __init__(self, config: Config, queue: ReportQueue, resolver: ReportResolver | None, *,
                  clock: Callable[[], float] = time.time,
                  retry_delays: Sequence[float] = RETRY_DELAYS) -> None:
+        """Raises ConfigError when tlsrpt.https_ca_file cannot be loaded."""
         self.config = config
         self.queue = queue
         self.resolver = resolver
         self.clock = clock
         self.retry_delays = tuple(retry_delays)
-        cfg = config.tlsrpt
-        ca = cfg.https_ca_file
-        self._context = ssl.create_default_context(cafile=None if ca is None else str(ca))
+        ca = config.tlsrpt.https_ca_file
+        try:
+            self._context = ssl.create_default_context(cafile=None if ca is None else str(ca))
+        except (OSError, ssl.SSLError) as exc:
+            from mailward.config import ConfigError
+
+            raise ConfigError(f"tlsrpt.https_ca_file: {ca} cannot be used ({exc}); point it at a file of "
+                              "PEM CA certificates.") from None
         self._context.minimum_version = ssl.TLSVersion.TLSv1_2
 
     @property

@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from mailward import tlsrpttool
-from mailward.config import Config, config_from_dict
+from mailward.config import Config, ConfigError, config_from_dict
 from mailward.delivery.dns import DnsTemporaryError, HostAddresses
 from mailward.delivery.mtasts import StsLookup, parse_policy
 from mailward.delivery.policy import Candidate, SecurityLevel, TlsaRecord, TlsRequirement
@@ -498,3 +498,12 @@ def test_odd_report_urls_are_failed_uploads(tmp_path: Path, caplog: pytest.LogCa
     result = asyncio.run(go())["example.org"]
     assert "https://r.example.org:99999/x failed: " in result and "https://[::1/x failed: " in result
     assert "mailto:'bad\\r\\naddress@example.org' is not an address; skipped" in caplog.text
+
+
+def test_an_unusable_ca_file_is_one_sentence(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    for ca in (tmp_path / "ca.pem", tmp_path / "missing.pem"):
+        config = config_from_dict({"hostname": "mx.example.net", "state_dir": str(tmp_path), "listener": [],
+                                   "tlsrpt": {"https_ca_file": str(ca)}}, tmp_path)
+        with pytest.raises(ConfigError, match=r"^tlsrpt\.https_ca_file: .* point it at a file of PEM CA "):
+            ReportSender(config, None, None)  # type: ignore[arg-type]
