@@ -68,6 +68,7 @@ from mailward.delivery.policy import (
 )
 from mailward.queue import (
     CorruptMessage,
+    DestinationSlots,
     Envelope,
     LeaseLost,
     Queue,
@@ -113,6 +114,7 @@ STOP_GRACE = 20.0  # seconds stop() lets attempts in flight finish
 # destination (Postfix's smtp_connection_cache_time_limit): new mail arrives in small batches,
 # and a new TLS connection per batch costs more than the delivery itself.
 PARK_SECONDS = 2.0
+SHARED_SLOT_POLL = 0.2  # seconds between tries for a destination slot held by other nodes
 PARK_MAX_AGE = 300.0  # never reuse a connection opened longer ago (smtp_connection_reuse_time_limit)
 
 
@@ -767,9 +769,11 @@ class Deliverer:
         async def connection() -> None:
             while pending:
                 await gate.acquire()
+                slot: int | None = None
                 try:
                     if not pending:
                         return
+                    slot = await self._shared_slot(destination.key)
                     async with self._connections:
                         if not pending:
                             return
@@ -793,6 +797,8 @@ class Deliverer:
                                 await session.close()
                 finally:
                     gate.release()
+                    if slot is not None:
+                        await self._release_shared_slot(destination.key, slot)
 
         try:
             await asyncio.gather(*(connection() for _ in range(min(len(jobs), self.dc.per_destination))))
@@ -800,6 +806,25 @@ class Deliverer:
             gate.users -= 1
             if gate.idle:
                 self._gates.pop(destination.key, None)
+
+    async def _shared_slot(self, key: str) -> int | None:
+        """With a queue several nodes share, wait for one of the destination's `per_destination`
+        connection slots counted across all of them; the local gate counts this node's only.
+        None when the queue has one node (SQLite). A parked connection holds no slot, as it holds
+        no gate: both limits count connections at work."""
+        if not isinstance(self.queue, DestinationSlots):
+            return None
+        while (slot := await self.queue.acquire_destination_slot(key, self.dc.per_destination,
+                                                                  self.clock())) is None:
+            await asyncio.sleep(SHARED_SLOT_POLL * (0.5 + self.rng.random()))
+        return slot
+
+    async def _release_shared_slot(self, key: str, slot: int) -> None:
+        assert isinstance(self.queue, DestinationSlots)
+        try:
+            await self.queue.release_destination_slot(key, slot)
+        except QueueError as exc:  # the slot expires by itself
+            log.warning("%s: cannot release a shared connection slot: %s", key, exc)
 
     # --- connection reuse ---
 
