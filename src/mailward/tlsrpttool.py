@@ -1,8 +1,9 @@
 """`mailward tlsrpt show`: the TLS reports (RFC 8460) the daily run would send, from the queue store.
 
-It reads the tallies through the queue tool's read-only connection (`queuetool.QueueFile`), beside a
-running server, and builds each report with `reports.tlsrpt.build_report`, exactly as the sender
-does. Nothing is looked up in DNS and nothing is sent.
+It reads the tallies through the queue tool's read-only connection (`queuetool.QueueFile`) beside a
+running server, or from a shared PostgreSQL queue (`queue.postgres_tool.SharedQueue`), and builds
+each report with `reports.tlsrpt.build_report`, exactly as the sender does. Nothing is looked up in
+DNS and nothing is sent.
 
 `--json` prints a list, one object per domain::
 
@@ -22,6 +23,8 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from mailward.config import Config
+from mailward.queue import TlsRptTally
+from mailward.queue.postgres_tool import SharedQueue, ToolError
 from mailward.queuetool import EXIT_OK, EXIT_SETUP, QueueFile, QueueToolError
 
 __all__ = ["add_parser", "run"]
@@ -43,6 +46,18 @@ def add_parser(sub: Any, common: argparse.ArgumentParser, func: Callable[[argpar
     show.set_defaults(func=func)
 
 
+def _read(config: Config, day: str, domain: str | None) -> tuple[list[TlsRptTally], dict[str, str]]:
+    """The day's tallies and sent reports, from the SQLite file or the shared PostgreSQL queue."""
+    url = config.queue.postgres_url
+    if url is None:
+        return QueueFile(config.queue.path).tlsrpt(day, domain)
+    shared = SharedQueue(url)
+    try:
+        return shared.tlsrpt(day, domain)
+    finally:
+        shared.close()
+
+
 def run(args: argparse.Namespace, config: Config, now: float | None = None) -> int:
     from mailward.reports.tlsrpt import build_report, report_id
 
@@ -57,8 +72,8 @@ def run(args: argparse.Namespace, config: Config, now: float | None = None) -> i
             return EXIT_SETUP
     domain = None if args.domain is None else args.domain.lower().rstrip(".")
     try:
-        tallies, sent = QueueFile(config.queue.path).tlsrpt(day, domain)
-    except QueueToolError as exc:
+        tallies, sent = _read(config, day, domain)
+    except (QueueToolError, ToolError) as exc:
         print(f"mailward: {exc}", file=sys.stderr)
         return EXIT_SETUP
     cfg = config.tlsrpt

@@ -43,6 +43,7 @@ from mailward.reports.tlsrpt import (
     select_tlsrpt_record,
     sts_testing_failure,
 )
+from postgres_server import PgServer, pg_server  # noqa: F401 - the fixture
 
 # --- the _smtp._tls record (§3) -------------------------------------------------------------------
 
@@ -507,3 +508,29 @@ def test_an_unusable_ca_file_is_one_sentence(tmp_path: Path) -> None:
                                    "tlsrpt": {"https_ca_file": str(ca)}}, tmp_path)
         with pytest.raises(ConfigError, match=r"^tlsrpt\.https_ca_file: .* point it at a file of PEM CA "):
             ReportSender(config, None, None)  # type: ignore[arg-type]
+
+
+def test_show_reads_a_shared_postgresql_queue(pg_server: PgServer, tmp_path: Path,  # noqa: F811
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("psycopg")
+    from mailward.queue.postgres import PostgresQueue
+
+    url = pg_server.database()
+
+    async def fill() -> None:
+        queue = await PostgresQueue.open(url)
+        try:
+            await queue.add_tlsrpt_tallies(_tallies())
+            await queue.mark_tlsrpt_sent(DAY, "example.org", "rid@mx", NOON)
+        finally:
+            await queue.close()
+
+    asyncio.run(fill())
+    config = config_from_dict({"hostname": "mx.example.net", "state_dir": str(tmp_path), "listener": [],
+                               "queue": {"url": url}}, tmp_path)
+    assert _show(config, "--date", DAY, "--json") == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert [(s["domain"], s["sent"]) for s in shown] == [("example.org", "rid@mx"), ("other.example", None)]
+    assert shown[0]["report"] == build_report("example.org", DAY, _tallies(), organization="mx.example.net",
+                                              contact="postmaster@mx.example.net",
+                                              report_id=report_id(DAY, "example.org", "mx.example.net"))
