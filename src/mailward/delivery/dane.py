@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
@@ -98,7 +98,12 @@ def matching_data(content: bytes, matching_type: int) -> bytes:
 
 
 def _matches(record: TlsaRecord, cert: x509.Certificate) -> bool:
-    return association_data(cert, record.selector, record.matching_type) == record.data
+    try:
+        return association_data(cert, record.selector, record.matching_type) == record.data
+    except (ValueError, UnsupportedAlgorithm):
+        # A certificate whose public key cannot be read (the server sends whatever it likes)
+        # matches no SPKI record; found by fuzz/fuzz_tlsa.py.
+        return False
 
 
 def name_matches(pattern: str, name: str) -> bool:
@@ -116,6 +121,8 @@ def _dns_names(cert: x509.Certificate) -> list[str]:
         names: list[str] = san.value.get_values_for_type(x509.DNSName)
     except x509.ExtensionNotFound:
         names = []
+    except ValueError:  # malformed extensions: no name can be trusted from this certificate
+        return []
     if names:
         return names
     # Only without DNS SANs does the subject CN count (RFC 6125 §6.4.4).
@@ -125,7 +132,7 @@ def _dns_names(cert: x509.Certificate) -> list[str]:
 def _is_ca(cert: x509.Certificate) -> bool:
     try:
         return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except x509.ExtensionNotFound:
+    except (x509.ExtensionNotFound, ValueError):  # absent or malformed: not a CA
         return False
 
 
@@ -141,7 +148,7 @@ def _chain_to_anchor(chain: Sequence[x509.Certificate], anchor: int) -> str | No
             return f"certificate {depth + 1} in the chain is not a CA"
         try:
             child.verify_directly_issued_by(issuer)
-        except (ValueError, TypeError, InvalidSignature) as exc:
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as exc:
             return f"certificate {depth} is not signed by certificate {depth + 1} ({exc or 'bad signature'})"
     return None
 
@@ -164,7 +171,7 @@ def verify_chain(
         return DaneVerdict(False, "the server sent no certificate", failure="validation-failure")
     try:
         chain = [x509.load_der_x509_certificate(der) for der in chain_der]
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
         return DaneVerdict(False, f"the server's certificate cannot be parsed ({exc})",
                            failure="validation-failure")
     now = now or datetime.datetime.now(datetime.UTC)

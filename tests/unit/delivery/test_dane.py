@@ -220,3 +220,23 @@ def test_garbage_and_empty_chains_are_failures_not_crashes(pki: dict[str, Issued
 ])
 def test_name_matches(pattern: str, name: str, ok: bool) -> None:
     assert name_matches(pattern, name) is ok
+
+
+def test_certificates_a_hostile_server_bent_are_failures_not_crashes(pki: dict[str, Issued]) -> None:
+    """Found by fuzz/fuzz_tlsa.py: a leaf whose public key cannot be read made SPKI matching raise
+    ValueError, and an unknown X.509 version raised InvalidVersion, which is no ValueError."""
+    leaf, inter = pki["leaf"].der, pki["inter"].der
+    point = pki["leaf"].cert.public_key().public_bytes(serialization.Encoding.X962,
+                                                       serialization.PublicFormat.UncompressedPoint)
+    assert leaf.count(point) == 1
+    bad_key = leaf.replace(point, b"\x05" + point[1:])  # not a point encoding at all
+    x509.load_der_x509_certificate(bad_key)  # loads: the key is only read when asked for
+    records = [tlsa(3, 1, 1, pki["leaf"].cert), tlsa(2, 1, 1, pki["inter"].cert)]
+    verdict = verify_chain(records, [bad_key, inter], ["mx.example.net"], NOW)
+    assert not verdict.verified and verdict.failure is not None
+    version = b"\xa0\x03\x02\x01\x02"  # [0] EXPLICIT INTEGER 2, i.e. v3
+    assert leaf.count(version) == 1
+    verdict = verify_chain(records, [leaf.replace(version, b"\xa0\x03\x02\x01\x23"), inter],
+                           ["mx.example.net"], NOW)
+    assert not verdict.verified and verdict.failure == "validation-failure"
+    assert "cannot be parsed" in verdict.reason
