@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint unit bench fuzz debs clean
+.PHONY: run test lint unit bench soak fuzz debs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ unit: $(STAMP)
 bench: $(STAMP)
 	bash scripts/install-debs.sh sasl2-bin libsasl2-modules libsasl2-modules-db
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# The soak alone (make bench runs it last): SOAK_ARGS="--minutes 2" for a short check.
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 fuzz: $(STAMP)
 	MAILWARD_FUZZ_SECONDS=$${MAILWARD_FUZZ_SECONDS:-600} $(BIN)/python -m pytest -q -m fuzz tests
