@@ -375,8 +375,19 @@ class PostgresQueue:
         return txn
 
     async def _store(self, txn: PostgresTransaction, recipients: Sequence[Recipient], size: int, digest: str,
-                     chunks: Callable[[], Iterator[bytes]], created_at: float) -> None:
+                     chunks: Callable[[], Iterator[bytes]], created_at: float, *, in_memory: bool) -> None:
         n_chunks = -(-size // self.chunk_size)
+        if in_memory and isinstance(self.bodies, DatabaseBodies):
+            # The common case, a body held in memory, goes in one statement: one round trip, and
+            # as its own implicit transaction it commits (and notifies) as a whole or not at all.
+            params = {"id": txn.id, "envelope": txn.envelope.to_json(), "size": size, "digest": digest,
+                      "chunks": n_chunks, "now": created_at, "node": self.node,
+                      "addresses": [r.address for r in recipients],
+                      "notify": [",".join(sorted(r.dsn_notify)) for r in recipients],
+                      "orcpt": [r.dsn_orcpt for r in recipients], "data": builtins.list(chunks())}
+            await self._run(functools.partial(_execute, query=_INSERT_IN_ONE, args=params))
+            self._wake()
+            return
 
         async def store(conn: AsyncConnection[Any]) -> None:
             async with conn.transaction(), conn.cursor() as cur:
@@ -855,7 +866,22 @@ class PostgresQueue:
                 log.warning("cannot renew destination slots: %s", exc)
 
 
-async def _execute(conn: AsyncConnection[Any], query: str, args: Sequence[Any]) -> None:
+_INSERT_IN_ONE = """
+WITH message_row AS (
+    INSERT INTO message (id, envelope, size, digest, chunks, created_at, next_attempt_at)
+    VALUES (%(id)s, %(envelope)s, %(size)s, %(digest)s, %(chunks)s, %(now)s, %(now)s)),
+recipient_rows AS (
+    INSERT INTO recipient (message_id, seq, address, notify, orcpt, status, attempts, next_attempt_at)
+    SELECT %(id)s, r.seq - 1, r.address, r.notify, r.orcpt, 'queued', 0, %(now)s
+      FROM unnest(%(addresses)s::text[], %(notify)s::text[], %(orcpt)s::text[])
+           WITH ORDINALITY AS r(address, notify, orcpt, seq)),
+body_rows AS (
+    INSERT INTO message_body (message_id, seq, data)
+    SELECT %(id)s, b.seq - 1, b.data FROM unnest(%(data)s::bytea[]) WITH ORDINALITY AS b(data, seq))
+SELECT pg_notify('""" + CHANNEL + """', %(node)s)"""
+
+
+async def _execute(conn: AsyncConnection[Any], query: str, args: Sequence[Any] | Mapping[str, Any]) -> None:
     await conn.execute(query, args)
 
 

@@ -171,7 +171,7 @@ class PostgresTransaction:
         self._state = "committing"
         try:
             await self._queue._store(self, tuple(self._recipients), self._size, self._hash.hexdigest(),
-                                     self._chunks, time.time())
+                                     self._chunks, time.time(), in_memory=self._spool is None)
         except asyncio.CancelledError:
             # The COMMIT may still have happened; abort() then removes it, since no 250 was sent.
             self._release_body()
