@@ -8,7 +8,9 @@
   destination at level may; its ratio is dane / may, target at least 0.90 (bench/dane.py);
 * idle: memory of 10,000 idle TLS sessions on 465 (bench/idle.py);
 * postgres: accept and delivery with 1, 2 and 3 nodes on one PostgreSQL queue, and the scaling
-  factor; one node on PostgreSQL beside one on the embedded SQLite queue (bench/postgres.py).
+  factor; one node on PostgreSQL beside one on the embedded SQLite queue (bench/postgres.py);
+* soak: last, 15 minutes (`--soak-minutes`) of steady mixed submission and delivery, watched for
+  growth of memory, file descriptors and queue depth (bench/soak.py; `make soak` runs it alone).
 
 A benchmark is a function taking the parsed arguments and returning rows; add it to BENCHMARKS.
 The ratio is mailward / Postfix; the DESIGN.md target is mailward at or above Postfix on every row.
@@ -35,6 +37,7 @@ import idle
 import outbound
 import postgres
 import server
+import soak
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,21 @@ def idle_rows(args: argparse.Namespace, notes: Notes) -> list[Row]:
                 f"{pf.pss_kib_per_session:,.0f} KiB PSS" if pf is not None else "-")]
 
 
+def soak_rows(args: argparse.Namespace, notes: Notes) -> list[Row]:
+    minutes = soak.QUICK_MINUTES if args.quick else args.soak_minutes
+    r = soak.soak(minutes, soak.RATE, soak.default_interval(minutes))
+    print(soak.report(r), flush=True)
+    notes.problems += [f"soak: {p}" for p in r.problems]
+    v = r.verdict
+    case = f"{minutes:g} min at {soak.RATE:g} msg/s, second half"
+    return [Row("soak", f"{case}: RSS trend", f"{v.rss_growth_kib / 1024:+.1f} MiB",
+                target=f"<= {v.rss_limit_kib / 1024:.0f} MiB", ok=v.rss_growth_kib <= v.rss_limit_kib),
+            Row("soak", f"{case}: open fds trend", f"{v.fd_growth:+.1f}", target=f"<= {soak.FD_GROWTH:.0f}",
+                ok=v.fd_growth <= soak.FD_GROWTH),
+            Row("soak", f"{case}: queue depth trend", f"{v.queue_growth:+.1f}",
+                target=f"<= {soak.QUEUE_GROWTH:.0f}", ok=v.queue_growth <= soak.QUEUE_GROWTH)]
+
+
 def postgres_rows(args: argparse.Namespace, notes: Notes) -> list[Row]:
     r = postgres.measure(args.quick)
     print(postgres.format_table(r), flush=True)
@@ -157,6 +175,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace, Notes], list[Row]]] = {
     "dane": dane_rows,
     "idle": idle_rows,
     "postgres": postgres_rows,
+    "soak": soak_rows,
 }
 
 
@@ -181,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=100_000, help="engine: messages")
     parser.add_argument("--size", type=int, default=2048, help="engine: body octets per message")
     parser.add_argument("--per-connection", type=int, default=100, help="engine: messages per connection")
+    parser.add_argument("--soak-minutes", type=float, default=soak.MINUTES, help="soak: length of the run")
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), help="run only these")
     args = parser.parse_args(argv)
 
