@@ -10,6 +10,10 @@ run the backend's own statements (`sqlite_store`) in one IMMEDIATE transaction w
 synchronous=FULL, as its writer does. When run as root, SQLite gives any -wal/-shm file it creates
 the database file's owner.
 
+A queue on PostgreSQL (queue.url) has no file to open: there the same commands run through the
+`Queue` protocol (`mailward.queue.postgres_tool.SharedQueue`), and every node hears of a change at
+once by NOTIFY.
+
 A running server notices such a change by itself within about a second (its queue writer watches
 for commits by other connections, see `mailward.queue.sqlite`), so `queue flush` and `queue retry`
 send no signal. They read the server's pid file only to say when nothing is running: the change
