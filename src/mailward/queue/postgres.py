@@ -564,8 +564,8 @@ class PostgresQueue:
                     return None
                 await cur.execute("UPDATE message SET next_attempt_at = %s, lease_owner = NULL,"
                                   " lease_expires_at = NULL WHERE id = %s", (due, id))
-                # Released: another node may take what is due now.
-                await self._notify(cur)
+                if due is not None and due <= now:
+                    await self._notify(cur)  # released with work due now: another node may take it
                 (updated,) = await _read_messages(conn, "m.id = %s", (id,))
                 assert isinstance(updated, StoredMessage)  # decoded above; only recipient columns changed
                 return updated

@@ -8,6 +8,7 @@ reader depend only on it and on the queue's private helpers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import tempfile
@@ -103,6 +104,7 @@ class PostgresTransaction:
         self._hash = hashlib.sha256()
         self._size = 0
         self._state = "open"  # open | committing | committed | failed | aborted
+        self._storing: asyncio.Future[None] | None = None
 
     @property
     def id(self) -> str:
@@ -169,20 +171,30 @@ class PostgresTransaction:
         if not self._recipients:
             raise ValueError("a message needs at least one recipient")
         self._state = "committing"
+        # Shielded: a session that goes away mid-commit must not leave the statement running on
+        # the server unseen, where it could commit after abort() looked for the message.
+        store = asyncio.ensure_future(self._queue._store(
+            self, tuple(self._recipients), self._size, self._hash.hexdigest(), self._chunks, time.time(),
+            in_memory=self._spool is None))
+        store.add_done_callback(self._stored)
+        self._storing = store
         try:
-            await self._queue._store(self, tuple(self._recipients), self._size, self._hash.hexdigest(),
-                                     self._chunks, time.time(), in_memory=self._spool is None)
+            await asyncio.shield(store)
         except asyncio.CancelledError:
-            # The COMMIT may still have happened; abort() then removes it, since no 250 was sent.
-            self._release_body()
+            # The COMMIT may still happen; abort() waits for it, then removes the message, since
+            # no 250 was sent.
             raise
         except BaseException:
             self._fail()
             raise
         self._state = "committed"
-        self._release_body()
         self._queue._live.discard(self)
         return self._id
+
+    def _stored(self, store: asyncio.Future[None]) -> None:
+        self._release_body()  # only now: the store reads the buffer or spool file until it ends
+        if not store.cancelled():
+            store.exception()  # retrieved here, so an abandoned commit's failure is not reported twice
 
     async def abort(self) -> None:
         state = self._state
@@ -191,6 +203,9 @@ class PostgresTransaction:
         elif state == "committing":
             self._state = "aborted"
             self._queue._live.discard(self)
+            if self._storing is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._storing)
             try:
                 await self._queue.delete(self._id)
             except QueueError as exc:

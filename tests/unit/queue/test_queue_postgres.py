@@ -23,13 +23,14 @@ from typing import Any
 import psycopg
 import pytest
 import test_queue_sqlite as sqlite_suite
-from test_queue_sqlite import DELIVERED, NOW, read_body, run, store
+from test_queue_sqlite import DELIVERED, NOW, make_envelope, read_body, run, store
 
 from mailward.queue import (
     CorruptMessage,
     DestinationSlots,
     LeaseLost,
     QueueError,
+    Recipient,
     RecipientResult,
     StsPolicyRecord,
     TlsRptTally,
@@ -285,5 +286,29 @@ def test_import_keeps_ids_states_and_bodies(url: str) -> None:
             with pytest.raises(CorruptMessage):
                 await source.import_message(held, body + b"x")
             assert hashlib.sha256(body).hexdigest() == held.digest
+
+    run(test)
+
+
+def test_abort_waits_for_a_cancelled_commit_still_running_in_the_server(url: str) -> None:
+    async def test() -> None:
+        async with await PostgresQueue.open(url) as queue, \
+                await psycopg.AsyncConnection.connect(url) as other:
+            txn = await queue.begin(make_envelope())
+            await txn.add_rcpt(Recipient("bob@example.net"))
+            await txn.write_body(b"hello\r\n")
+            # Another session holds the table, so the INSERT waits inside the server.
+            await other.execute("LOCK TABLE message IN EXCLUSIVE MODE")
+            task = asyncio.create_task(txn.commit())
+            await asyncio.sleep(0.3)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            aborting = asyncio.create_task(txn.abort())
+            await asyncio.sleep(0.3)
+            assert not aborting.done()  # it waits for the statement in flight, not just the client
+            await other.commit()  # the INSERT goes through now and commits ...
+            await aborting
+            assert await queue.count() == 0  # ... and abort() removed it: no 250 was sent
 
     run(test)
