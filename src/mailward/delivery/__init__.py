@@ -412,6 +412,7 @@ class _Work:
 class _Job:
     work: _Work
     recipients: tuple[Recipient, ...]
+    done: bool = False  # counted off its message's groups_left
 
 
 @dataclass(slots=True)
@@ -674,9 +675,24 @@ class Deliverer:
         finally:
             if not cancelled:
                 for job in jobs:
+                    if job.done:  # recorded as soon as it was sent (_job_sent)
+                        continue
+                    job.done = True
                     job.work.groups_left -= 1
                     if job.work.groups_left == 0:
                         await self._finish(job.work)
+
+    def _job_sent(self, job: _Job) -> None:
+        """A job has every outcome: if it was its message's last group, record the message now,
+        while the connection goes on with the next job. Waiting for the whole group (up to a
+        lease batch of messages) made a crash repeat every delivery the group had made so far.
+        While stopping, stop() records what is left instead."""
+        if job.done or not all(r.address in job.work.outcomes for r in job.recipients):
+            return
+        job.done = True
+        job.work.groups_left -= 1
+        if job.work.groups_left == 0 and not self._stopping.is_set():
+            self._spawn(self._finish(job.work))
 
     def _set_missing(self, job: _Job, outcome: RecipientOutcome, relay: str = "none",
                      tls: TlsOutcome | None = None, policy: str | None = None) -> None:
@@ -990,6 +1006,7 @@ class Deliverer:
             for address, outcome in outcomes.items():
                 job.work.outcomes[address] = _Outcome(outcome, relay, session.tls, session.candidate.host,
                                                       session.candidate.tls.level.value)
+            self._job_sent(job)
             if not session.usable:
                 return
 
