@@ -86,14 +86,14 @@ SLOT_SECONDS = 30.0  # a destination slot not renewed for this long belongs to a
 _RETRIES = 3  # attempts of a transaction PostgreSQL aborted for a deadlock or serialization failure
 _STORED_STATUSES = frozenset({"queued", "deferred", "delivered", "failed"})
 
-_SELECT_MESSAGES = """
-SELECT m.id, m.envelope, m.size, m.digest, m.created_at, m.lease_owner, m.lease_expires_at, m.held,
-       m.hold_reason,
+# A message row with its recipients (as JSON, in order) in one row, so one statement reads it whole.
+_MESSAGE_COLUMNS = """m.id, m.envelope, m.size, m.digest, m.created_at, m.lease_owner, m.lease_expires_at,
+       m.held, m.hold_reason,
        (SELECT json_agg(json_build_array(r.address, r.notify, r.orcpt, r.status, r.attempts,
                                          r.next_attempt_at, r.last_reply, r.last_attempt_at, r.tls)
                         ORDER BY r.seq)
-          FROM recipient r WHERE r.message_id = m.id)
-  FROM message m"""
+          FROM recipient r WHERE r.message_id = m.id)"""
+_SELECT_MESSAGES = f"SELECT {_MESSAGE_COLUMNS} FROM message m"
 
 
 # --- connecting and errors ------------------------------------------------------------------------
@@ -192,8 +192,12 @@ async def _read_messages(conn: AsyncConnection[Any], where: str, args: Sequence[
                          ) -> builtins.list[StoredMessage | CorruptMessage]:
     # One statement: it sees one snapshot, so a message is never read half-updated by another node.
     cur = await conn.execute(f"{_SELECT_MESSAGES} WHERE {where}", args)
+    return _decode_rows(await cur.fetchall())
+
+
+def _decode_rows(rows: Sequence[Sequence[Any]]) -> builtins.list[StoredMessage | CorruptMessage]:
     out: builtins.list[StoredMessage | CorruptMessage] = []
-    for row in await cur.fetchall():
+    for row in rows:
         try:
             out.append(_decode(row))
         except (ValueError, TypeError, KeyError) as exc:
@@ -461,21 +465,19 @@ class PostgresQueue:
         expires = now + lease_seconds
 
         async def claim(conn: AsyncConnection[Any]) -> builtins.list[StoredMessage | CorruptMessage]:
-            async with conn.transaction():
-                # SKIP LOCKED: rows another node is claiming right now are its own; take the next.
-                # While leased, next_attempt_at is the lease expiry, so an abandoned message comes
-                # due by itself on every node.
-                cur = await conn.execute(
-                    "WITH due AS (SELECT id FROM message WHERE NOT held AND next_attempt_at <= %(now)s"
-                    "  AND (lease_expires_at IS NULL OR lease_expires_at <= %(now)s)"
-                    "  ORDER BY next_attempt_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
-                    " UPDATE message m SET lease_owner = %(owner)s, lease_expires_at = %(expires)s,"
-                    "  next_attempt_at = %(expires)s FROM due WHERE m.id = due.id RETURNING m.id",
-                    {"now": now, "limit": limit, "owner": owner, "expires": expires})
-                ids = [row[0] for row in await cur.fetchall()]
-                if not ids:
-                    return []
-                return await _read_messages(conn, "m.id = ANY(%s) ORDER BY m.id", (ids,))
+            # One statement (its own transaction, one round trip) claims and returns the messages.
+            # SKIP LOCKED: rows another node is claiming right now are its own; take the next.
+            # While leased, next_attempt_at is the lease expiry, so an abandoned message comes
+            # due by itself on every node.
+            cur = await conn.execute(
+                "WITH due AS (SELECT id FROM message WHERE NOT held AND next_attempt_at <= %(now)s"
+                "  AND (lease_expires_at IS NULL OR lease_expires_at <= %(now)s)"
+                "  ORDER BY next_attempt_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+                " UPDATE message m SET lease_owner = %(owner)s, lease_expires_at = %(expires)s,"
+                "  next_attempt_at = %(expires)s FROM due WHERE m.id = due.id"
+                f" RETURNING {_MESSAGE_COLUMNS}",
+                {"now": now, "limit": limit, "owner": owner, "expires": expires})
+            return _decode_rows(await cur.fetchall())
 
         leased: builtins.list[StoredMessage] = []
         for message in await self._run(claim):
@@ -527,10 +529,11 @@ class PostgresQueue:
         results = dict(results)
 
         async def apply(conn: AsyncConnection[Any]) -> StoredMessage | None:
-            async with conn.transaction(), conn.cursor() as cur:
+            # Pipelined: statements whose results are not needed yet go out together, so the
+            # whole transaction takes about three round trips.
+            async with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
                 # The row lock orders this against another node's lease, retry or delete.
-                await cur.execute("SELECT 1 FROM message WHERE id = %s FOR UPDATE", (id,))
-                found = await _read_messages(conn, "m.id = %s", (id,))
+                found = await _read_messages(conn, "m.id = %s FOR UPDATE OF m", (id,))
                 if not found:
                     raise LeaseLost(id, owner)
                 message = found[0]
@@ -655,6 +658,13 @@ class PostgresQueue:
         return await self._run(delete)
 
     async def _delete(self, cur: AsyncCursor[Any], id: str) -> bool:
+        if isinstance(self.bodies, DatabaseBodies):
+            # One statement; the foreign keys are checked at its end, when all three are gone.
+            await cur.execute(
+                "WITH body AS (DELETE FROM message_body WHERE message_id = %(id)s),"
+                " recipients AS (DELETE FROM recipient WHERE message_id = %(id)s)"
+                " DELETE FROM message WHERE id = %(id)s", {"id": id})
+            return cur.rowcount > 0
         await cur.execute("SELECT 1 FROM message WHERE id = %s FOR UPDATE", (id,))
         if await cur.fetchone() is None:
             return False
