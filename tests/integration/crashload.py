@@ -88,8 +88,10 @@ class Submitters:
             def wake() -> None:
                 assert self._stop is not None
                 self._stop.set()
-            while self._stop is None:
+            while self._stop is None and self._thread.is_alive():
                 time.sleep(0.01)
+            if self._stop is None:
+                return  # the loop thread ended before it started any client
             self._loop.call_soon_threadsafe(wake)
             self._thread.join(60)
             assert not self._thread.is_alive(), "a submitter hung"
