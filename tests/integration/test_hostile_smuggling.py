@@ -10,6 +10,7 @@ accepted messages are relayed to a recording peer, which must never see a bare C
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from mailward_server import KINDS, USER
 from smtp_peer import Peer
 
 from conftest import MakeServer
+from mailward.queue import Envelope, Recipient
+from mailward.queue.sqlite import SqliteQueue
 
 # The inbound end-of-data set of the SEC Consult research and the scanners built on it
 # (The-Login/SMTP-Smuggling-Tools, hannob/smtpsmug), the outbound additions, and a few more
@@ -173,5 +176,48 @@ def test_relayed_messages_carry_no_bare_line_endings(make_server: MakeServer, tm
             tally.check(ok, f"message {i}: {m}")
         mails = [c for c in sink.commands if c.upper().startswith("MAIL")]
         assert len(mails) == sent and not any(FORGED in c for c in mails), mails
+        server.stop()
+    tally.record(record_property)
+
+
+def test_stored_bare_line_endings_leave_as_crlf(make_server: MakeServer, tmp_path: Path,
+                                                record_property: RecordProperty) -> None:
+    """Messages already in the queue with bare CR and LF (the listeners never store them, but the
+    queue does not forbid them) still leave with CRLF only and dot-stuffed: the delivery client's
+    own defence, checked on the wire."""
+    texts = [b"Subject: q%d\r\n\r\nbefore" % i + eod + SMUGGLED + b"\r\n"
+             for i, eod in enumerate(VARIANTS.values())]
+    with RawSink(tmp_path / "sink") as sink:
+        server = make_server(start=False, deliver=True, extra_toml=(
+            f'relay_domains = ["relay.test"]\n[delivery]\n[[delivery.route]]\ndomain = "relay.test"\n'
+            f'next_hop = "[127.0.0.1]:{sink.port}"\nsecurity = "may"\n'))
+
+        async def store() -> None:
+            q = await SqliteQueue.open(server.queue_path)
+            try:
+                for i, text in enumerate(texts):
+                    txn = await q.begin(Envelope(sender="a@example.test", client_ip="127.0.0.1",
+                                                 client_helo="x", listener="mx", received_at=time.time()))
+                    await txn.add_rcpt(Recipient(address=f"q{i}@relay.test"))
+                    await txn.write_body(text)
+                    await txn.commit()
+            finally:
+                await q.close()
+
+        server.queue_path.parent.mkdir(parents=True, exist_ok=True)
+        asyncio.run(store())
+        server.start()
+        deadline = time.monotonic() + 30
+        while len(sink.messages) < len(texts) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        tally = Tally("SMTP smuggling outbound (stored bare CR/LF)")
+        relayed = {rcpt: m for m in sink.messages for rcpt in m.rcpts}
+        for i in range(len(texts)):
+            m = relayed.get(f"RCPT TO:<q{i}@relay.test>")
+            ok = (m is not None and not has_bare_line_ending(m.raw) and m.raw.count(b"\r\n.\r\n") == 1
+                  and b"smuggled body" in m.raw)
+            tally.check(ok, f"stored message {i}: {m}")
+        mails = [c for c in sink.commands if c.upper().startswith("MAIL")]
+        assert len(mails) == len(texts) and not any(FORGED in c for c in mails), mails
         server.stop()
     tally.record(record_property)
