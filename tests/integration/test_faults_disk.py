@@ -14,14 +14,15 @@ import errno
 import os
 import smtplib
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from crashload import body_for
-from mailward_server import MailwardServer
-from test_delivery import Sink, delivery_toml, queue_count, route, wait_until
+from mailward_server import MailwardServer, free_port
+from test_delivery import Sink, deliveries, delivery_toml, queue_count, route, wait_until
 
 from conftest import MakeServer
 
@@ -143,3 +144,36 @@ def _exercise(server: MailwardServer, sink: Sink, queue_dir: Path,
     assert not half_written, f"refused but delivered: {half_written}"
     assert "queue storage is full" in log
     assert "session failed" not in log  # a refusal, not a crash of the session
+
+
+def test_delivery_while_the_disk_is_full_waits_and_recovers(make_server: MakeServer, tmp_path: Path,
+                                                            record_property: pytest.RecordProperty) -> None:
+    """Mail queued before the disk filled is delivered when its next hop comes back while the disk
+    is still full, or after space returns; never bounced, never lost, and the process keeps going."""
+    port = free_port()
+    server = make_server(start=False, deliver=True, extra_toml=delivery_toml(
+        route(DOMAIN, f"[127.0.0.1]:{port}"), relay=(DOMAIN,), retry_initial=1, retry_max=2,
+        dead_host_seconds=0, lease_seconds=5))
+    sink = Sink(tmp_path / "sink", port=port)
+    with small_filesystem(server.queue_path.parent) as queue_dir:
+        server.start()
+        try:
+            assert submit(server, "queued-early", big=False) == 250
+            # Nothing listens yet: the message is deferred and retried every second or two.
+            wait_until(lambda: any(d["status"] == "deferred" for d in deliveries(server)), what="a deferral")
+            filler = fill(queue_dir)
+            sink.start()  # the next hop is back while the disk is full
+            time.sleep(4)
+            during = len(sink_ids(sink).get("queued-early", []))
+            filler.unlink()
+            wait_until(lambda: queue_count(server) == 0, timeout=30, what="an empty queue")
+            copies = len(sink_ids(sink).get("queued-early", []))
+        finally:
+            server.stop()
+            sink.stop()
+    statuses = {d["status"] for d in deliveries(server)}
+    record_property("fault_note", f"delivery with the disk full: {during} cop{'y' if during == 1 else 'ies'} "
+                                  f"sent while full, {copies} in all once space returned; never bounced")
+    record_property("fault", ("disk full during delivery: retried, not bounced", 1,
+                              int(copies >= 1 and "bounced" not in statuses)))
+    assert copies >= 1 and "bounced" not in statuses, statuses
