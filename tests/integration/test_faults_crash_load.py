@@ -23,8 +23,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pytest
 from crashload import Submitters, body_for
+from hostile import RecordProperty
 from test_delivery import Sink, deliveries, delivery_toml, queue_count, route, wait_until
 
 from conftest import MakeServer
@@ -66,7 +66,7 @@ def delivered_ids(sink: Sink) -> Counter[str]:
 
 
 def test_sigkill_under_load_loses_nothing(make_server: MakeServer, tmp_path: Path,
-                                          record_property: pytest.RecordProperty) -> None:
+                                          record_property: RecordProperty) -> None:
     sink = Sink(tmp_path / "sink").start()
     try:
         _run(make_server, sink, record_property)
@@ -74,7 +74,7 @@ def test_sigkill_under_load_loses_nothing(make_server: MakeServer, tmp_path: Pat
         sink.stop()
 
 
-def _run(make_server: MakeServer, sink: Sink, record_property: pytest.RecordProperty) -> None:
+def _run(make_server: MakeServer, sink: Sink, record_property: RecordProperty) -> None:
     per_ip = 2 * (TLS_CLIENTS + MX_CLIENTS)  # every client comes from 127.0.0.1
     server = make_server(
         deliver=True, log_level="info",

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from crashload import body_for
+from hostile import RecordProperty
 from mailward_server import MailwardServer, free_port
 from test_delivery import Sink, deliveries, delivery_toml, queue_count, route, wait_until
 
@@ -85,7 +86,7 @@ def sink_ids(sink: Sink) -> dict[str, list[bytes]]:
 
 
 def test_disk_full_during_data_answers_4xx_and_recovers(make_server: MakeServer, tmp_path: Path,
-                                                         record_property: pytest.RecordProperty) -> None:
+                                                         record_property: RecordProperty) -> None:
     sink = Sink(tmp_path / "sink").start()
     server = make_server(start=False, deliver=True, extra_toml=delivery_toml(
         route(DOMAIN, f"[127.0.0.1]:{sink.port}"), relay=(DOMAIN,), retry_initial=1))
@@ -101,7 +102,7 @@ def test_disk_full_during_data_answers_4xx_and_recovers(make_server: MakeServer,
 
 
 def _exercise(server: MailwardServer, sink: Sink, queue_dir: Path,
-              record_property: pytest.RecordProperty) -> None:
+              record_property: RecordProperty) -> None:
     assert submit(server, "before-full", big=False) == 250
     wait_until(lambda: "before-full" in sink_ids(sink), what="delivery before the disk fills")
 
@@ -147,7 +148,7 @@ def _exercise(server: MailwardServer, sink: Sink, queue_dir: Path,
 
 
 def test_delivery_while_the_disk_is_full_waits_and_recovers(make_server: MakeServer, tmp_path: Path,
-                                                            record_property: pytest.RecordProperty) -> None:
+                                                            record_property: RecordProperty) -> None:
     """Mail queued before the disk filled is delivered when its next hop comes back while the disk
     is still full, or after space returns; never bounced, never lost, and the process keeps going."""
     port = free_port()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import Callable, Iterator
@@ -26,7 +27,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 import pytest
-from hostile import RawSink, _Wire
+from hostile import RawSink, RecordProperty, _Wire
 from mailward_server import MailwardServer
 from test_delivery import (
     Sink,
@@ -126,6 +127,10 @@ class FaultySink(RawSink):
         self.mails: list[bool] = []
         self.connections = 0
 
+    def __enter__(self) -> FaultySink:
+        super().__enter__()
+        return self
+
     def _session(self, wire: _Wire) -> None:
         with self._lock:
             n = self.connections
@@ -157,7 +162,9 @@ class FaultySink(RawSink):
                     # SO_LINGER with a zero timeout: close() sends RST, not FIN.
                     wire.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 else:
-                    os.write(wire.sock.fileno(), b"\x17\x03\x03\x00\x10" + os.urandom(16) + os.urandom(64))
+                    # A TLS application-data record header over random bytes (which fail the
+                    # record's integrity check), written under the TLS layer, then more noise.
+                    os.write(wire.sock.fileno(), b"\x17\x03\x03\x00\x10" + os.urandom(16 + 64))
                     while wire.line() is not None:  # until the client gives up
                         pass
                 return
@@ -166,15 +173,15 @@ class FaultySink(RawSink):
 
 
 class _MailWatch(_Wire):
-    """The wire of a normal session, noting the TLS state of every MAIL command it reads."""
+    """A session's wire that notes the TLS state of every MAIL command it reads."""
 
     def __init__(self, wire: _Wire, sink: FaultySink) -> None:
         super().__init__(wire.sock, wire.stop)
         self.sink = sink
         self.tls = False
 
-    def start_tls(self, context: object) -> None:
-        super().start_tls(context)  # type: ignore[arg-type]
+    def start_tls(self, context: ssl.SSLContext) -> None:
+        super().start_tls(context)
         self.tls = True
 
     def line(self) -> bytes | None:
@@ -217,7 +224,7 @@ def resolver() -> Iterator[FlakyResolver]:
 
 
 def test_resolver_down_then_servfail_defers_and_retries(make_server: MakeServer, resolver: FlakyResolver,
-                                                         sink: Sink, record_property: pytest.RecordProperty,
+                                                         sink: Sink, record_property: RecordProperty,
                                                          ) -> None:
     server = make_server(deliver=True, extra_toml=delivery_toml(
         relay=("flaky.test",), port=sink.port, retry_initial=1, retry_max=2) + resolver.toml)
@@ -247,7 +254,7 @@ def test_resolver_down_then_servfail_defers_and_retries(make_server: MakeServer,
 
 
 def test_tlsa_servfail_never_falls_back_to_plaintext(make_server: MakeServer, sink: Sink,
-                                                      record_property: pytest.RecordProperty) -> None:
+                                                      record_property: RecordProperty) -> None:
     """RFC 7672 §2.1.1: with DNSSEC-secure MX and address records, a failed TLSA lookup makes the
     host unusable: defer, never deliver in clear (smtp-sink offers no STARTTLS)."""
     with FlakyResolver(RECORDS) as resolver:
@@ -274,7 +281,7 @@ def test_tlsa_servfail_never_falls_back_to_plaintext(make_server: MakeServer, si
     ("reset-in-data", "may"), ("reset-in-data", "encrypt"),
     ("garbage-in-data", "may"), ("garbage-in-data", "encrypt")])
 def test_next_hop_faults_mid_data_defer_and_retry(make_server: MakeServer, tmp_path: Path, fault: Fault,
-                                                   level: str, record_property: pytest.RecordProperty,
+                                                   level: str, record_property: RecordProperty,
                                                    ) -> None:
     faults: list[Fault] = [fault, fault]
     # Garbage under TLS needs TLS; a reset is tried on a plaintext session at may, where
