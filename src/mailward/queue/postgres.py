@@ -10,8 +10,9 @@ the queue needs one, and nothing is built that the server already does well:
 * "250 means on disk" (DESIGN principle 5): a message, its recipients and its body are written in
   one PostgreSQL transaction, and `commit()` returns only after COMMIT did, on connections that set
   ``synchronous_commit = on`` themselves (a server default of ``off`` must not weaken the promise).
-  Concurrent commits from many sessions and nodes share WAL flushes inside the server, which is
-  the group commit the SQLite backend has to build for itself.
+  Messages that finish while an earlier insert is in flight go into the next one together, one
+  statement and one COMMIT for many (`postgres_body.Inserter`), and the server itself shares WAL
+  flushes between concurrent commits of all nodes: durability does not cap throughput.
 * Any node may deliver any message. `lease()` claims due rows with ``FOR UPDATE SKIP LOCKED``, so
   nodes leasing at the same moment skip each other's rows instead of queueing on their locks, and
   writes a visible owner and expiry: a node that dies leaves leases that simply expire, and the
@@ -69,7 +70,15 @@ from mailward.queue import (
     TlsRptTally,
     TlsVerdict,
 )
-from mailward.queue.postgres_body import BodyStore, DatabaseBodies, PostgresBodyReader, PostgresTransaction
+from mailward.queue.postgres_body import (
+    CHANNEL,
+    BodyStore,
+    DatabaseBodies,
+    Inserter,
+    NewMessage,
+    PostgresBodyReader,
+    PostgresTransaction,
+)
 from mailward.queue.postgres_schema import SCHEMA_VERSION, schema_version
 
 if TYPE_CHECKING:
@@ -81,7 +90,6 @@ log = logging.getLogger("mailward.queue")
 
 T = TypeVar("T")
 _KIB = 1024
-CHANNEL = "mailward_work"  # LISTEN/NOTIFY channel: "a commit, release or retry may have made work"
 SLOT_SECONDS = 30.0  # a destination slot not renewed for this long belongs to a dead node
 _RETRIES = 3  # attempts of a transaction PostgreSQL aborted for a deadlock or serialization failure
 _STORED_STATUSES = frozenset({"queued", "deferred", "delivered", "failed"})
@@ -238,6 +246,7 @@ class PostgresQueue:
         self._closed = False
         self._opened = False
         self._live: set[PostgresTransaction] = set()
+        self._inserter = Inserter(self)
 
     # --- lifecycle ---
 
@@ -288,6 +297,7 @@ class PostgresQueue:
         self._closed = True
         for txn in builtins.list(self._live):
             txn._shutdown()
+        await self._inserter.drain()  # commits already handed over finish, as they would in SQLite
         if self._work is not None:
             self._work.set()  # an idle deliverer wakes, and its next call learns the queue closed
         for task in (self._listener, self._slot_keeper):
@@ -315,11 +325,13 @@ class PostgresQueue:
         if self._closed or not self._opened:
             raise QueueError("the queue is closed")
 
-    async def _run(self, fn: Callable[[AsyncConnection[Any]], Awaitable[T]]) -> T:
+    async def _run(self, fn: Callable[[AsyncConnection[Any]], Awaitable[T]], *, closing: bool = False) -> T:
         """Run `fn` on a pooled connection; storage failures become QueueError. `fn` opens its own
         transaction when it needs one; one that PostgreSQL aborted to break a deadlock or a
-        serialization conflict changed nothing, so it is run again."""
-        self._check_open()
+        serialization conflict changed nothing, so it is run again. `closing`: also while close()
+        waits for it."""
+        if not closing:
+            self._check_open()
         for attempt in range(_RETRIES):
             try:
                 async with self._pool.connection() as conn:
@@ -384,12 +396,11 @@ class PostgresQueue:
         if in_memory and isinstance(self.bodies, DatabaseBodies):
             # The common case, a body held in memory, goes in one statement: one round trip, and
             # as its own implicit transaction it commits (and notifies) as a whole or not at all.
-            params = {"id": txn.id, "envelope": txn.envelope.to_json(), "size": size, "digest": digest,
-                      "chunks": n_chunks, "now": created_at, "node": self.node,
-                      "addresses": [r.address for r in recipients],
-                      "notify": [",".join(sorted(r.dsn_notify)) for r in recipients],
-                      "orcpt": [r.dsn_orcpt for r in recipients], "data": builtins.list(chunks())}
-            await self._run(functools.partial(_execute, query=_INSERT_IN_ONE, args=params))
+            # Messages committed while an earlier insert is in flight go in together (group commit).
+            await self._inserter.add(NewMessage(
+                txn.id, txn.envelope.to_json(), size, digest, n_chunks, created_at,
+                tuple((r.address, ",".join(sorted(r.dsn_notify)), r.dsn_orcpt) for r in recipients),
+                builtins.list(chunks())))
             self._wake()
             return
 
@@ -874,21 +885,6 @@ class PostgresQueue:
                     " AND (destination, slot) IN (SELECT * FROM unnest(%s::text[], %s::int[]))", args=args))
             except QueueError as exc:
                 log.warning("cannot renew destination slots: %s", exc)
-
-
-_INSERT_IN_ONE = """
-WITH message_row AS (
-    INSERT INTO message (id, envelope, size, digest, chunks, created_at, next_attempt_at)
-    VALUES (%(id)s, %(envelope)s, %(size)s, %(digest)s, %(chunks)s, %(now)s, %(now)s)),
-recipient_rows AS (
-    INSERT INTO recipient (message_id, seq, address, notify, orcpt, status, attempts, next_attempt_at)
-    SELECT %(id)s, r.seq - 1, r.address, r.notify, r.orcpt, 'queued', 0, %(now)s
-      FROM unnest(%(addresses)s::text[], %(notify)s::text[], %(orcpt)s::text[])
-           WITH ORDINALITY AS r(address, notify, orcpt, seq)),
-body_rows AS (
-    INSERT INTO message_body (message_id, seq, data)
-    SELECT %(id)s, b.seq - 1, b.data FROM unnest(%(data)s::bytea[]) WITH ORDINALITY AS b(data, seq))
-SELECT pg_notify('""" + CHANNEL + """', %(node)s)"""
 
 
 async def _execute(conn: AsyncConnection[Any], query: str, args: Sequence[Any] | Mapping[str, Any]) -> None:

@@ -312,3 +312,28 @@ def test_abort_waits_for_a_cancelled_commit_still_running_in_the_server(url: str
             assert await queue.count() == 0  # ... and abort() removed it: no 250 was sent
 
     run(test)
+
+
+def test_concurrent_commits_share_statements_and_one_bad_message_fails_alone(url: str) -> None:
+    async def test() -> None:
+        async with await PostgresQueue.open(url) as queue:
+            taken = await store(queue)
+            inserter = queue._inserter
+            before, stored = inserter.statements, inserter.stored
+            ids = await asyncio.gather(*(store(queue, b"m%d\r\n" % i) for i in range(50)))
+            assert len(set(ids)) == 50 and await queue.count() == 51
+            assert inserter.stored - stored == 50
+            assert inserter.statements - before < 50  # group commit: fewer COMMITs than messages
+            txns = []
+            for i in range(20):
+                txn = await queue.begin(make_envelope())
+                await txn.add_rcpt(Recipient(f"r{i}@example.net"))
+                await txn.write_body(b"body %d\r\n" % i)
+                txns.append(txn)
+            txns[7]._id = taken  # a colliding id fails its statement; the others are stored again
+            outcomes = await asyncio.gather(*(t.commit() for t in txns), return_exceptions=True)
+            assert isinstance(outcomes[7], QueueError)
+            assert all(isinstance(o, str) for i, o in enumerate(outcomes) if i != 7)
+            assert await queue.count() == 70
+
+    run(test)
