@@ -25,7 +25,7 @@ from pathlib import Path
 
 from crashload import Submitters, body_for
 from hostile import RecordProperty
-from test_delivery import Sink, deliveries, delivery_toml, queue_count, route, wait_until
+from test_delivery import Sink, deliveries, delivery_toml, message, queue_count, route, submit_mx, wait_until
 
 from conftest import MakeServer
 
@@ -136,3 +136,33 @@ def _run(make_server: MakeServer, sink: Sink, record_property: RecordProperty) -
     assert not not_sent, f"deliveries that did not succeed: {not_sent[:5]}"
     # Every complete dump is a message some client began to send; anything else would be invented.
     assert set(delivered) <= stats.begun
+
+
+
+def test_each_delivery_is_recorded_before_the_group_ends(make_server: MakeServer, tmp_path: Path) -> None:
+    """A message's result is recorded as soon as it has been sent, not once every message leased
+    with it for the same destination has been: otherwise a crash repeats all of those deliveries."""
+    messages = 5
+    slow = Sink(tmp_path / "slow-sink", options=("-w", "1")).start()  # a second before each 354
+
+    def toml(enabled: bool) -> str:
+        return delivery_toml(route(DOMAIN, f"[127.0.0.1]:{slow.port}"), relay=(DOMAIN,),
+                             per_destination=1, slow_start_initial=1, enabled=str(enabled).lower())
+    try:
+        # Queued first with delivery off, so that one lease takes them all: one group, one
+        # connection (per_destination = 1), one message a second.
+        server = make_server(deliver=True, log_level="info", extra_toml=toml(False))
+        for n in range(messages):
+            submit_mx(server, "sender@client.test", [f"g{n}@{DOMAIN}"], message(f"group-{n}"))
+        server.stop()
+        server.extra_toml = toml(True)
+        server.config_path.write_text(server.config_text())
+        server.start()
+        wait_until(lambda: any(d["status"] == "sent" for d in deliveries(server)), timeout=15,
+                   what="the first recorded delivery")
+        sent_when_first_recorded = len(slow.messages())
+        wait_until(lambda: queue_count(server) == 0, timeout=20, what="an empty queue")
+    finally:
+        slow.stop()
+    assert sent_when_first_recorded < messages, "no result was recorded before the whole group was sent"
+    assert sorted(m.rcpts[0] for m in slow.messages()) == [f"<g{n}@{DOMAIN}>" for n in range(messages)]
