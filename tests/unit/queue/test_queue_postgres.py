@@ -36,7 +36,7 @@ from mailward.queue import (
     TlsRptTally,
     TlsVerdict,
 )
-from mailward.queue.postgres import PostgresQueue, describe_url
+from mailward.queue.postgres import PostgresQueue, connect, describe_url
 from mailward.queue.postgres_schema import SCHEMA_VERSION
 from postgres_server import PASSWORD, PASSWORD_USER, PgServer, pg_server  # noqa: F401 - the fixture
 
@@ -152,6 +152,16 @@ def test_connection_failures_are_one_sentence_without_the_password(pg_server: Pg
     with pytest.raises(QueueError, match=r"queue\.url is not a valid PostgreSQL URL") as malformed:
         run(lambda: PostgresQueue.open("postgresql://u:pass word@/db?host=/nowhere"))
     assert "pass word" not in str(malformed.value)
+    # The password may come from a passfile named in the URL, as the README advises.
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(f"*:*:*:{PASSWORD_USER}:{PASSWORD}\n")
+    passfile.chmod(0o600)
+
+    async def login() -> None:
+        conn = await connect(pg_server.url("postgres", user=PASSWORD_USER) + f"&passfile={passfile}")
+        await conn.close()
+
+    run(login)
     assert describe_url(pg_server.url("mail")) == f"PostgreSQL at {pg_server.socket_dir}, database mail"
 
 
