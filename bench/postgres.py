@@ -77,7 +77,7 @@ class Database:
         from postgres_server import PG_BIN, start_pg_server
 
         if not (PG_BIN / "initdb").exists():
-            raise RuntimeError("PostgreSQL 15 is not installed: apt-get install postgresql")
+            raise RuntimeError("PostgreSQL is not installed: apt-get install postgresql")
         self.server = start_pg_server()
 
     def fresh(self) -> str:

@@ -24,7 +24,14 @@ from pathlib import Path
 
 import pytest
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+def _newest_bin() -> Path:
+    # Debian keeps each major version apart; any recent one will do (Debian 12 ships 15).
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _newest_bin()
 PASSWORD_USER = "pwuser"  # a role that must log in with a password, to test refusals
 PASSWORD = "secret-for-loopback-tests"
 
@@ -88,7 +95,7 @@ async def _migrate(url: str) -> None:
 
 def start_pg_server() -> PgServer:
     if not (PG_BIN / "initdb").exists():
-        pytest.skip("PostgreSQL 15 is not installed; run 'bash scripts/install-debs.sh' (part of make test)")
+        pytest.skip("PostgreSQL is not installed; run 'bash scripts/install-debs.sh' (part of make test)")
     # Not under pytest's temporary directory: that is private to root, and the server runs as postgres.
     root = Path(tempfile.mkdtemp(prefix="mailward-pg-"))
     user = "postgres" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
