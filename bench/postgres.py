@@ -10,7 +10,8 @@ with `queue.url` pointing at it, all on this machine's loopback.
   node on the embedded SQLite queue gives the single-node comparison.
 * delivery: the queue is filled and held, k nodes start with delivery on, everything is released
   at once (one UPDATE and a NOTIFY), and the time until smtp-sink has every message is measured;
-  afterwards the queue must be empty.
+  afterwards the queue must be empty. One node on SQLite, filled and restarted with delivery on,
+  gives the single-node comparison.
 
 The scaling factor is k nodes' messages/s over one node's. On a two-core machine the nodes, the
 database and the load generator share the same cores, so the factor shows what a second node
@@ -54,8 +55,9 @@ PostgreSQL: one local server (unix socket, fsync and synchronous_commit on), k m
 same two cores. accept: plain SMTP on 25, 2 KB, 10 msgs/conn, 30 clients split over the nodes,
 delivery off; the SQLite row is one node on the embedded queue under the same load. delivery: a
 held, pre-filled queue released at once to k nodes delivering to one smtp-sink (plaintext, one
-route, per_destination 20 across all nodes); timed until the sink has every message. Scaling =
-k nodes / 1 node on PostgreSQL."""
+route, per_destination 20 across all nodes); timed until the sink has every message; the SQLite
+row is one node filled, then restarted with delivery on and timed from its deliverer's start.
+Scaling = k nodes / 1 node on PostgreSQL."""
 
 
 @dataclass
@@ -172,15 +174,58 @@ def deliver(cert: Path, key: Path, db: Database, nodes: int, messages: int, sink
             p.cleanup()
 
 
+def deliver_sqlite(cert: Path, key: Path, messages: int, sink: Sink) -> Figure:
+    """One node on the embedded queue: filled with delivery off, then restarted with it on and
+    timed from the moment its deliverer starts (the pid file's mtime), as bench/outbound.py does."""
+    label = "delivery, 1 node on SQLite"
+    mw = node(cert, key, None, deliver=False, sink_port=sink.port)
+    try:
+        mw.start()
+        spec = LoadSpec(host=LOOPBACK, port=mw.ports["mx"], mode="plain", messages=messages, size=SIZE,
+                        concurrency=CLIENTS, per_connection=PER_CONNECTION)
+        loaded = loadgen.run(spec).ok
+        mw.stop()
+        mw.delivery_enabled = True
+        base = sink.messages
+        mw.start()
+        t0 = (mw.root / "state" / "mailward.pid").stat().st_mtime
+        t1 = sink.wait_for(base + loaded, 300)
+        figure = Figure(label, loaded, (t1 or time.time()) - t0)
+        if t1 is None:
+            figure.problems.append(f"{label}: the sink got {sink.messages - base} of {loaded} in 300s")
+        deadline = time.monotonic() + 60
+        while mw.queued()[0] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if left := mw.queued()[0]:
+            figure.problems.append(f"{label}: {left} messages still queued after delivery")
+        return figure
+    finally:
+        mw.cleanup()
+
+
 @dataclass
 class Results:
     sqlite_accept: Figure
+    sqlite_delivery: Figure
     accept: list[Figure]
     delivery: list[Figure]
 
     @property
     def problems(self) -> list[str]:
-        return [p for f in (self.sqlite_accept, *self.accept, *self.delivery) for p in f.problems]
+        figures = (self.sqlite_accept, self.sqlite_delivery, *self.accept, *self.delivery)
+        return [p for f in figures for p in f.problems]
+
+    def rows(self) -> list[tuple[Figure, float | None, str]]:
+        """Each figure with its ratio and what the ratio compares: one PostgreSQL node to one
+        SQLite node, k PostgreSQL nodes to one (the scaling factor)."""
+        out: list[tuple[Figure, float | None, str]] = []
+        for sqlite, figures in ((self.sqlite_accept, self.accept), (self.sqlite_delivery, self.delivery)):
+            out.append((sqlite, None, ""))
+            for f in figures:
+                base = sqlite if f is figures[0] else figures[0]
+                ratio = f.msgs_per_s / base.msgs_per_s if base.msgs_per_s else None
+                out.append((f, ratio, "x SQLite, 1 node" if base is sqlite else "scaling x 1 node"))
+        return out
 
 
 def measure(quick: bool = False, nodes: tuple[int, ...] = NODES, verbose: bool = True) -> Results:
@@ -201,8 +246,9 @@ def measure(quick: bool = False, nodes: tuple[int, ...] = NODES, verbose: bool =
 
         sqlite = say(accept(pair.cert, pair.key, None, 1, accept_n, sink.port))
         accepted = [say(accept(pair.cert, pair.key, db.fresh(), k, accept_n, sink.port)) for k in nodes]
+        sqlite_delivered = say(deliver_sqlite(pair.cert, pair.key, deliver_n, sink))
         delivered = [say(deliver(pair.cert, pair.key, db, k, deliver_n, sink)) for k in nodes]
-        return Results(sqlite, accepted, delivered)
+        return Results(sqlite, sqlite_delivered, accepted, delivered)
     finally:
         sink.stop()
         db.close()
@@ -210,17 +256,10 @@ def measure(quick: bool = False, nodes: tuple[int, ...] = NODES, verbose: bool =
 
 
 def format_table(r: Results) -> str:
-    lines = [f"{'case':<38} {'msgs':>6} {'msg/s':>8}  vs"]
-    one_accept = r.accept[0].msgs_per_s if r.accept else 0.0
-    one_deliver = r.delivery[0].msgs_per_s if r.delivery else 0.0
-    sq = r.sqlite_accept
-    lines.append(f"{sq.label:<38} {sq.messages:>6} {sq.msgs_per_s:>8,.0f}")
-    for f in r.accept:
-        vs = f"{f.msgs_per_s / one_accept:.2f} x 1 node" if one_accept else "-"
-        lines.append(f"{f.label:<38} {f.messages:>6} {f.msgs_per_s:>8,.0f}  {vs}")
-    for f in r.delivery:
-        vs = f"{f.msgs_per_s / one_deliver:.2f} x 1 node" if one_deliver else "-"
-        lines.append(f"{f.label:<38} {f.messages:>6} {f.msgs_per_s:>8,.0f}  {vs}")
+    lines = [f"{'case':<38} {'msgs':>6} {'msg/s':>8}  ratio"]
+    for f, ratio, what in r.rows():
+        vs = f"{ratio:.2f} {what}" if ratio is not None else ""
+        lines.append(f"{f.label:<38} {f.messages:>6} {f.msgs_per_s:>8,.0f}  {vs}".rstrip())
     return "\n".join(lines)
 
 

@@ -155,17 +155,8 @@ def postgres_rows(args: argparse.Namespace, notes: Notes) -> list[Row]:
     notes.fairness.append(postgres.NOTES)
     notes.problems += [f"postgres: {p}" for p in r.problems]
     # No Postfix here: one node on PostgreSQL against one on SQLite, then k nodes against one.
-    sqlite = r.sqlite_accept.msgs_per_s
-    rows = [Row("postgres", r.sqlite_accept.label, _msgs(sqlite))]
-    for figures in (r.accept, r.delivery):
-        one = figures[0].msgs_per_s
-        for f in figures:
-            versus_sqlite = f is r.accept[0]
-            base = sqlite if versus_sqlite else one
-            rows.append(Row("postgres", f.label, _msgs(f.msgs_per_s),
-                            ratio=f.msgs_per_s / base if base else None,
-                            target="x SQLite, 1 node" if versus_sqlite else "scaling x 1 node"))
-    return rows
+    return [Row("postgres", f.label, _msgs(f.msgs_per_s), ratio=ratio, target=what)
+            for f, ratio, what in r.rows()]
 
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace, Notes], list[Row]]] = {
