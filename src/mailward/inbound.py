@@ -67,9 +67,10 @@ from mailward.tls import ServerTls, tls_facts
 log = logging.getLogger("mailward.inbound")
 
 AUTH_KINDS = ("submission", "submissions")
-# Octets of BDAT content that count as one record for the read deadline: at the default
-# data_timeout of 600 s a client must keep above about 110 octets/s (Postfix asks 500).
-BDAT_RECORD = 64 * 1024
+# Octets of message content that count as one record for the read deadline when no line ends in
+# them (BDAT chunks, content read only to be dropped): at the default data_timeout of 600 s a client
+# must keep above about 110 octets/s (Postfix asks 500).
+CONTENT_RECORD = 64 * 1024
 
 # RFC 8314 §4.3 wants the IANA registry name in the `tls` clause. OpenSSL already uses those for
 # TLS 1.3 suites but has its own names for TLS 1.2; these are the ones tls.TLS12_CIPHERS offers.
@@ -389,7 +390,7 @@ class Session:
         self.closing = False
         self.in_data = False
         self._chunking = False  # the message content comes in BDAT chunks
-        self._bdat_octets = 0  # BDAT octets since the read deadline last restarted
+        self._content_octets = 0  # content octets read since the read deadline last restarted
         self.client_ip = stream.peer[0]
         self.log_prefix = f"{listener.name}[{self.client_ip}]:"
 
@@ -449,18 +450,13 @@ class Session:
         The timeouts bound the time to receive a whole record, not each read (as Postfix's
         smtpd_per_record_deadline does), so a client trickling a byte every few seconds is dropped
         (slowloris). A record is a command line, a DATA content line (the engine cuts body chunks at
-        line ends), or BDAT_RECORD octets of a BDAT chunk, whose chunks have no lines to count.
+        line ends), or CONTENT_RECORD octets of content read (see `_loop`); BDAT chunks have no
+        lines to count.
         """
-        if not isinstance(event, BodyChunk):
-            self._bdat_octets = 0
-            return True
-        if not self._chunking:
-            return True
-        self._bdat_octets += len(event.data)
-        if self._bdat_octets >= BDAT_RECORD:
-            self._bdat_octets = 0
-            return True
-        return False
+        if isinstance(event, BodyChunk) and self._chunking:
+            return False
+        self._content_octets = 0
+        return True
 
     async def _loop(self) -> None:
         engine, lc = self.engine, self.listener.config
@@ -498,6 +494,14 @@ class Session:
                     return
                 if not data:
                     return
+                if self.in_data:
+                    # Content the engine reads but reports nothing for (BDAT, or content being
+                    # dropped after a size or line refusal) must still count as progress, or a
+                    # large message on a slow link would time out instead of getting its answer.
+                    self._content_octets += len(data)
+                    if self._content_octets >= CONTENT_RECORD:
+                        self._content_octets = 0
+                        deadline = None
                 engine.receive_data(data)
                 continue
             if self._completes_record(event):

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from hostile import RecordProperty, Tally, good_client_delivers, rss_kib
 from mailward_server import KINDS, PASSWORD, USER, MailwardServer
-from smtp_peer import Peer
+from smtp_peer import Peer, Reply
 
 from conftest import MakeServer
 
@@ -204,5 +204,45 @@ def test_slow_clients_hold_only_their_slots(make_server: MakeServer,
         stop.set()
         for s in held:
             s.close()
+    assert server.stop() == 0
+    tally.record(record_property)
+
+
+def test_slow_but_steady_content_is_not_a_slow_client(make_server: MakeServer,
+                                                      record_property: RecordProperty) -> None:
+    """A message that takes longer than data_timeout to arrive, at a steady 100 kB/s, gets its
+    answer: 250 when it fits, and 552 5.3.4 (not a 421 timeout, which would make the sender retry
+    for days) when it is over the size limit and its content is being read only to be dropped."""
+    server = make_server(listener_toml=dict.fromkeys(KINDS, SETTINGS + "\nmax_message_size = 300000"),
+                         log_level="info")
+    tally = Tally("slow clients: steady content")
+    line = b"s" * 78 + b"\r\n"
+
+    def send(method: str, size: int) -> tuple[Reply, float]:
+        with authed(server, "submissions", "127.0.0.1") as peer:
+            assert peer.cmd(f"MAIL FROM:<{USER}>").code == 250
+            assert peer.cmd("RCPT TO:<bob@example.org>").code == 250
+            content = b"Subject: steady\r\n\r\n" + line * (size // len(line))
+            if method == "DATA":
+                assert peer.cmd("DATA").code == 354
+                data = content + b".\r\n"
+            else:
+                data = b"BDAT %d LAST\r\n" % len(content) + content
+            start = time.monotonic()
+            for at in range(0, len(data), 10_000):  # 10 kB every 0.1 s
+                peer.send(data[at:at + 10_000])
+                time.sleep(0.1)
+            return peer.reply(), time.monotonic() - start
+
+    # The oversized ones spend over TIMEOUT after the limit, when nothing is stored any more.
+    cases = {("BDAT", 280_000): (250, "2.0.0"), ("DATA", 560_000): (552, "5.3.4"),
+             ("BDAT", 560_000): (552, "5.3.4")}
+    with ThreadPoolExecutor(len(cases)) as pool:
+        futures = {case: pool.submit(send, *case) for case in cases}
+        for (method, size), future in futures.items():
+            r, took = future.result()
+            want = cases[(method, size)]
+            tally.check((r.code, r.first[:5]) == want and took > TIMEOUT,
+                        f"{method} of {size} octets over {took:.1f}s: {r}")
     assert server.stop() == 0
     tally.record(record_property)
