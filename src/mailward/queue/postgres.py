@@ -515,22 +515,35 @@ class PostgresQueue:
         return expires
 
     async def open_body(self, id: str) -> PostgresBodyReader:
-        async def info(conn: AsyncConnection[Any]) -> tuple[int, str, int, int, int] | None:
+        async def info(conn: AsyncConnection[Any]) -> tuple[int, str, int, int, int, bytes | None] | None:
+            if isinstance(self.bodies, DatabaseBodies):
+                # One round trip: the record, what is stored, and the first chunk, which for most
+                # mail is the whole body.
+                cur = await conn.execute(
+                    "SELECT m.size, m.digest, m.chunks, count(b.seq), coalesce(sum(octet_length(b.data)), 0),"
+                    " (SELECT data FROM message_body WHERE message_id = m.id AND seq = 0)"
+                    " FROM message m LEFT JOIN message_body b ON b.message_id = m.id"
+                    " WHERE m.id = %s GROUP BY m.id", (id,))
+                row = await cur.fetchone()
+                if row is None:
+                    return None
+                first = None if row[5] is None else bytes(row[5])
+                return int(row[0]), str(row[1]), int(row[2]), int(row[3]), int(row[4]), first
             cur = await conn.execute("SELECT size, digest, chunks FROM message WHERE id = %s", (id,))
             row = await cur.fetchone()
             if row is None:
                 return None
             stored_chunks, stored_bytes = await self.bodies.stat(conn, id)
-            return int(row[0]), str(row[1]), int(row[2]), stored_chunks, stored_bytes
+            return int(row[0]), str(row[1]), int(row[2]), stored_chunks, stored_bytes, None
 
         found = await self._run(info)
         if found is None:
             raise MessageNotFound(id)
-        size, digest, chunks, stored_chunks, stored_bytes = found
+        size, digest, chunks, stored_chunks, stored_bytes, first = found
         if stored_chunks != chunks or stored_bytes != size:
             await self._corrupt(
                 id, f"body has {stored_chunks} of {chunks} chunks, {stored_bytes} of {size} bytes")
-        return PostgresBodyReader(self, id, size, digest, chunks)
+        return PostgresBodyReader(self, id, size, digest, chunks, first)
 
     async def _chunk(self, id: str, seq: int) -> bytes | None:
         return await self._run(lambda conn: self.bodies.chunk(conn, id, seq))

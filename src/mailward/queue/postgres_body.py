@@ -379,8 +379,10 @@ class PostgresBodyReader(AsyncIterator[bytes]):
     """Streams a stored body and verifies its length and sha256; the last chunk is handed out only
     after the whole body matched, so a damaged message is never sent complete (see SqliteBodyReader)."""
 
-    def __init__(self, queue: PostgresQueue, id: str, size: int, digest: str, chunks: int) -> None:
+    def __init__(self, queue: PostgresQueue, id: str, size: int, digest: str, chunks: int,
+                 first: bytes | None = None) -> None:
         self.id = id
+        self._first = first  # chunk 0, when it came with the message's record
         self.size = size
         self.digest = digest
         self._queue = queue
@@ -419,7 +421,11 @@ class PostgresBodyReader(AsyncIterator[bytes]):
     async def _fetch(self) -> bytes:
         seq = self._next
         self._next += 1
-        data = await self._queue._chunk(self.id, seq)
+        if seq == 0 and self._first is not None:
+            data: bytes | None = self._first
+            self._first = None
+        else:
+            data = await self._queue._chunk(self.id, seq)
         if data is None:
             self._done = True
             if await self._queue.get(self.id) is None:
