@@ -394,9 +394,8 @@ class PostgresQueue:
                      chunks: Callable[[], Iterator[bytes]], created_at: float, *, in_memory: bool) -> None:
         n_chunks = -(-size // self.chunk_size)
         if in_memory and isinstance(self.bodies, DatabaseBodies):
-            # The common case, a body held in memory, goes in one statement: one round trip, and
-            # as its own implicit transaction it commits (and notifies) as a whole or not at all.
-            # Messages committed while an earlier insert is in flight go in together (group commit).
+            # The common case, a body held in memory: one statement (one round trip) that commits
+            # and notifies as a whole, shared with the messages that finish at the same time.
             await self._inserter.add(NewMessage(
                 txn.id, txn.envelope.to_json(), size, digest, n_chunks, created_at,
                 tuple((r.address, ",".join(sorted(r.dsn_notify)), r.dsn_orcpt) for r in recipients),

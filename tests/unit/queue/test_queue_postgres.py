@@ -13,6 +13,7 @@ cross-node destination slots, the shared MTA-STS cache and TLS-RPT tallies, and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from collections.abc import Callable
@@ -345,5 +346,40 @@ def test_concurrent_commits_share_statements_and_one_bad_message_fails_alone(url
             assert isinstance(outcomes[7], QueueError)
             assert all(isinstance(o, str) for i, o in enumerate(outcomes) if i != 7)
             assert await queue.count() == 70
+
+    run(test)
+
+
+def test_the_queue_recovers_when_postgresql_drops_its_connections(url: str) -> None:
+    async def test() -> None:
+        async with await PostgresQueue.open(url, pool_size=3) as a, await PostgresQueue.open(url) as b:
+            await store(a)
+            await a.wait_for_work(0)
+            # As a server restart or a failover does it: every session of the queue is cut.
+            with psycopg.connect(url, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                              " WHERE application_name = 'mailward' AND datname = current_database()")
+            # The listener reconnects, and wakes the deliverer: it may have missed notifications.
+            assert await a.wait_for_work(10.0)
+            # A pooled connection that was cut fails its one operation (a 451 for a session);
+            # the pool replaces it, and the queue works again.
+            failures = 0
+            for _ in range(6):
+                try:
+                    assert await a.count() == 1
+                except QueueError:
+                    failures += 1
+            assert failures <= 3
+            assert await a.count() == 1
+            # Notifications flow again between the nodes.
+            await asyncio.sleep(0.2)
+            await a.wait_for_work(0)
+            waiter = asyncio.create_task(a.wait_for_work(5.0))
+            await asyncio.sleep(0.05)
+            for _ in range(4):
+                with contextlib.suppress(QueueError):
+                    await store(b)
+                    break
+            assert await waiter
 
     run(test)
