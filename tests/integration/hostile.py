@@ -100,14 +100,15 @@ class RawSink:
 
     It answers PIPELINING-style like a real server but keeps the DATA content byte for byte, so
     tests can look for bare CR or LF on the wire. `greeting_suffix` and `starttls_suffix` are
-    appended, in the same write, to the greeting and to the 220 for STARTTLS: replies the client
-    never asked for (STARTTLS response injection).
+    appended, in the same write, to the greeting and to the 220 for STARTTLS, and `ehlo_suffix`
+    to the first EHLO reply: replies the client never asked for (response injection).
     """
 
     def __init__(self, root: Path, *, tls: bool = False, greeting_suffix: bytes = b"",
-                 starttls_suffix: bytes = b"") -> None:
+                 starttls_suffix: bytes = b"", ehlo_suffix: bytes = b"") -> None:
         self.greeting_suffix = greeting_suffix
         self.starttls_suffix = starttls_suffix
+        self.ehlo_suffix = ehlo_suffix
         self.messages: list[RawMessage] = []
         self.commands: list[str] = []
         self._context: ssl.SSLContext | None = None
@@ -168,7 +169,7 @@ class RawSink:
                 if self._context is not None and not tls:
                     caps.append(b"STARTTLS")
                 wire.send(b"".join(b"250%s%s\r\n" % (b"-" if i < len(caps) - 1 else b" ", c)
-                                   for i, c in enumerate(caps)))
+                                   for i, c in enumerate(caps)) + (b"" if tls else self.ehlo_suffix))
             elif verb == b"STAR" and self._context is not None and not tls:
                 wire.send(b"220 2.0.0 Ready to start TLS\r\n" + self.starttls_suffix)
                 wire.start_tls(self._context)

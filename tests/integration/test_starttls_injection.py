@@ -174,15 +174,20 @@ def test_response_injection_against_the_delivery_client(make_server: MakeServer,
         # would see no STARTTLS and, at level may, send in clear.
         greeting = stack.enter_context(RawSink(tmp_path / "greet", tls=True,
                                                greeting_suffix=b"250-evil.test\r\n250 8BITMIME\r\n"))
+        # A second EHLO reply without STARTTLS behind the real one, for a client that reads the
+        # latest capabilities it saw.
+        after_ehlo = stack.enter_context(RawSink(tmp_path / "ehlo", tls=True,
+                                                 ehlo_suffix=b"250-evil.test\r\n250 8BITMIME\r\n"))
         routes = "".join(f'[[delivery.route]]\ndomain = "inj{i}.test"\nnext_hop = "[127.0.0.1]:{s.port}"\n'
                          f'security = "encrypt"\n' for i, s in enumerate(sinks.values()))
-        routes += (f'[[delivery.route]]\ndomain = "greet.test"\nnext_hop = "[127.0.0.1]:{greeting.port}"\n'
-                   'security = "may"\n')
+        for domain, sink in (("greet.test", greeting), ("ehlo.test", after_ehlo)):
+            routes += (f'[[delivery.route]]\ndomain = "{domain}"\nnext_hop = "[127.0.0.1]:{sink.port}"\n'
+                       'security = "may"\n')
         server = make_server(deliver=True, extra_toml="[delivery]\n" + routes)
         with Peer(server.submissions, ca=server.ca, implicit_tls=True) as peer:
             peer.ehlo()
             assert peer.login(USER, PASSWORD).code == 235
-            rcpts = [f"r@inj{i}.test" for i in range(len(sinks))] + ["r@greet.test"]
+            rcpts = [f"r@inj{i}.test" for i in range(len(sinks))] + ["r@greet.test", "r@ehlo.test"]
             for rcpt in rcpts:
                 body = f"Subject: to {rcpt}\r\n\r\ninjection test\r\n".encode()
                 assert peer.send_message(USER, [rcpt], body).code == 250
@@ -194,11 +199,14 @@ def test_response_injection_against_the_delivery_client(make_server: MakeServer,
             ok = (status.startswith("sent ") and "real-1" in status and "INJECTED" not in status
                   and [m.tls for m in sink.messages] == [True])
             tally.check(ok, f"after STARTTLS 220, {what}: {status}; sink got {len(sink.messages)}")
-        status = delivery_status(server, "r@greet.test") or "no delivery line"
-        # Refusing the session (deferred) or ignoring the junk and using TLS are both safe;
-        # a message in clear is the failure.
-        ok = all(m.tls for m in greeting.messages) and (
-            status.startswith("deferred") or (status.startswith("sent") and len(greeting.messages) == 1))
-        tally.check(ok, f"after the greeting: {status}; sink got {[m.tls for m in greeting.messages]}")
+        for where, domain, sink in (("the greeting", "greet.test", greeting),
+                                    ("the EHLO reply", "ehlo.test", after_ehlo)):
+            status = delivery_status(server, f"r@{domain}") or "no delivery line"
+            # Refusing the session (deferred) or ignoring the junk and using TLS are both safe;
+            # a message in clear is the failure, and so is an internal error.
+            ok = all(m.tls for m in sink.messages) and (
+                (status.startswith("deferred") and "broke the protocol" in status)
+                or (status.startswith("sent") and len(sink.messages) == 1))
+            tally.check(ok, f"after {where}: {status}; sink got {[m.tls for m in sink.messages]}")
         server.stop()
     tally.record(record_property)
