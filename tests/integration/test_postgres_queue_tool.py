@@ -7,18 +7,49 @@ same `queue list|show|hold|release|retry|delete|flush` commands then work on the
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import smtplib
+from dataclasses import replace
 from pathlib import Path
 
 from mailward_server import PASSWORD, USER, MailwardServer
 from smtp_peer import verifying_context
 
 from conftest import MakeServer
+from mailward.queue import StsPolicyRecord, TlsRptTally
+from mailward.queue.postgres import PostgresQueue
+from mailward.queue.sqlite import SqliteQueue
 from postgres_server import PgServer, pg_server  # noqa: F401 - the fixture
 
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ")
+
+
+POLICY = StsPolicyRecord("example.org", "20261128T000000", "version: STSv1\r\nmode: enforce\r\n"
+                         "mx: mx.example.org\r\nmax_age: 86400\r\n", 1_800_000_000.0, 1_800_086_400.0)
+TALLY = TlsRptTally(day="2026-11-28", domain="example.org", policy_type="sts",
+                    policy_strings=("version: STSv1", "mode: enforce"), mx_hosts=("mx.example.org",), count=5)
+
+
+async def add_shared_state(path: Path) -> None:
+    queue = await SqliteQueue.open(path)
+    try:
+        await queue.save_sts_policy(POLICY)
+        await queue.add_tlsrpt_tallies([TALLY, replace(TALLY, result_type="starttls-not-supported",
+                                                       count=2)])
+        await queue.mark_tlsrpt_sent("2026-11-28", "example.org", "r-1", 1_800_000_000.0)
+    finally:
+        await queue.close()
+
+
+async def shared_state(url: str) -> tuple[StsPolicyRecord | None, list[TlsRptTally], dict[str, str]]:
+    queue = await PostgresQueue.open(url, pool_size=1)
+    try:
+        tallies = sorted(await queue.load_tlsrpt_tallies("2026-11-28"), key=lambda t: t.result_type)
+        return await queue.load_sts_policy("example.org"), tallies, await queue.tlsrpt_sent("2026-11-28")
+    finally:
+        await queue.close()
 
 
 def submit(server: MailwardServer, subjects: list[str]) -> None:
@@ -56,10 +87,12 @@ def test_a_sqlite_queue_moves_to_postgresql_and_the_queue_commands_work_there(
     refused = old.cli("queue", "export", check=False)
     assert refused.returncode == 2 and "stop it" in one_line(refused.stderr)
     old.stop()
+    asyncio.run(add_shared_state(old.queue_path))
     export = tmp_path / "queue.jsonl"
     done = old.cli("queue", "export", "-o", str(export))
     assert "3 message(s) exported" in done.stderr
-    assert len(export.read_text().splitlines()) == 4  # a header, then one line per message
+    # A header, a line per message, the MTA-STS policy, two tallies and a sent mark.
+    assert len(export.read_text().splitlines()) == 8
 
     url = pg_server.database(migrated=False)
     new = make_server(start=False, extra_toml=f'[queue]\nurl = "{url}"\n')
@@ -75,9 +108,12 @@ def test_a_sqlite_queue_moves_to_postgresql_and_the_queue_commands_work_there(
     assert "is current; nothing to do" in new.cli("queue", "migrate").stdout
     assert "3 message(s) imported" in new.cli("queue", "import", str(export)).stdout
     again = new.cli("queue", "import", str(export)).stdout
-    assert "0 message(s) imported, 3 already in the queue" in again
+    assert "0 message(s) imported, 3 already in the queue" in again  # and no tally counted twice
     after = listed(new)
     assert after == before  # ids, times, senders, recipients and their states all kept
+    # The MTA-STS cache and the TLS report figures came along, counted once.
+    failed = replace(TALLY, result_type="starttls-not-supported", count=2)
+    assert asyncio.run(shared_state(url)) == (POLICY, [TALLY, failed], {"example.org": "r-1"})
 
     first = str(after[0]["id"])
     show = new.cli("queue", "show", first)

@@ -8,7 +8,8 @@ so here the tool is one more client of `PostgresQueue`. `SharedQueue` gives it t
 
 Export and import move a queue between backends (SQLite to PostgreSQL when a site grows to several
 nodes) as JSON lines: a header line, then one line per message with its envelope, recipient states,
-hold, and its body in base64. Ids are kept, so logs and bounces still match. Leases are not: an
+hold, and its body in base64, then the MTA-STS policy cache and the TLS report tallies and sent
+marks. Ids are kept, so logs and bounces still match. Leases are not: an
 imported message is free for any node to deliver. Export reads through the queue's own verified
 reader, so a damaged body is reported and left out rather than carried over.
 """
@@ -18,8 +19,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
+import dataclasses
 import json
+import sqlite3
 import sys
+import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -32,6 +37,7 @@ from mailward.queue import (
     Recipient,
     RecipientState,
     StoredMessage,
+    StsPolicyRecord,
     TlsRptTally,
     TlsVerdict,
 )
@@ -251,9 +257,43 @@ async def _export(config: Config, out: IO[str]) -> tuple[int, list[str]]:
             out.write(json.dumps(message_record(message, body), ensure_ascii=False, separators=(",", ":")))
             out.write("\n")
             count += 1
+        # What the nodes share beside the mail: the MTA-STS cache (so no policy is forgotten on the
+        # way, RFC 8461 §10.2) and the TLS report tallies and sent marks.
+        domains, days = await (_sqlite_keys(config.queue.path) if url is None else _postgres_keys(url))
+        for domain in domains:
+            policy = await queue.load_sts_policy(domain)
+            if policy is not None:
+                out.write(json.dumps({"type": "sts_policy", **dataclasses.asdict(policy)}) + "\n")
+        for day in days:
+            for tally in await queue.load_tlsrpt_tallies(day):
+                out.write(json.dumps({"type": "tlsrpt_tally", **dataclasses.asdict(tally)}) + "\n")
+            for domain, report_id in (await queue.tlsrpt_sent(day)).items():
+                out.write(json.dumps({"type": "tlsrpt_sent", "day": day, "domain": domain,
+                                      "report_id": report_id}) + "\n")
     finally:
         await queue.close()
     return count, skipped
+
+
+_KEYS = ("SELECT domain FROM sts_policy ORDER BY domain",
+         "SELECT day FROM tlsrpt_tally UNION SELECT day FROM tlsrpt_sent ORDER BY 1")
+
+
+async def _sqlite_keys(path: Path) -> tuple[list[str], list[str]]:
+    uri = f"{path.absolute().as_uri()}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+        return ([str(r[0]) for r in conn.execute(_KEYS[0])], [str(r[0]) for r in conn.execute(_KEYS[1])])
+
+
+async def _postgres_keys(url: str) -> tuple[list[str], list[str]]:
+    from mailward.queue.postgres import connect
+
+    conn = await connect(url)
+    try:
+        domains = [str(r[0]) for r in await (await conn.execute(_KEYS[0])).fetchall()]
+        return domains, [str(r[0]) for r in await (await conn.execute(_KEYS[1])).fetchall()]
+    finally:
+        await conn.close()
 
 
 def _lines(source: IO[str]) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -286,15 +326,37 @@ async def _import(config: Config, source: IO[str]) -> tuple[int, int]:
                         "`mailward queue export`.")
     queue = await PostgresQueue.open(url, pool_size=2)
     added = present = 0
+    fresh_days: dict[str, bool] = {}
     try:
         for number, data in lines:
+            kind = data.pop("type", "message")
             try:
-                message, body = parse_record(data)
-                if await queue.import_message(message, body):
-                    added += 1
+                if kind == "message":
+                    message, body = parse_record(data)
+                    if await queue.import_message(message, body):
+                        added += 1
+                    else:
+                        present += 1
+                elif kind == "sts_policy":
+                    policy = StsPolicyRecord(**data)
+                    held = await queue.load_sts_policy(policy.domain)
+                    if held is None or held.fetched_at < policy.fetched_at:
+                        await queue.save_sts_policy(policy)
+                elif kind == "tlsrpt_tally":
+                    tally = TlsRptTally(**{**data, "policy_strings": tuple(data["policy_strings"]),
+                                           "mx_hosts": tuple(data["mx_hosts"])})
+                    # Counts add up, so a day is imported only into a queue that has none of it yet:
+                    # running the import again must not count the sessions twice.
+                    if tally.day not in fresh_days:
+                        fresh_days[tally.day] = not await queue.load_tlsrpt_tallies(tally.day)
+                    if fresh_days[tally.day]:
+                        await queue.add_tlsrpt_tallies([tally])
+                elif kind == "tlsrpt_sent":
+                    await queue.mark_tlsrpt_sent(str(data["day"]), str(data["domain"]),
+                                                 str(data["report_id"]), time.time())
                 else:
-                    present += 1
-            except (ValueError, CorruptMessage) as exc:
+                    raise ValueError(f"unknown record type {kind!r}")
+            except (ValueError, TypeError, KeyError, CorruptMessage) as exc:
                 raise ToolError(f"line {number} of the export: {exc}; nothing after it was "
                                 "imported.") from None
     finally:
