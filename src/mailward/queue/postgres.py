@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -201,6 +202,22 @@ async def _read_messages(conn: AsyncConnection[Any], where: str, args: Sequence[
     # One statement: it sees one snapshot, so a message is never read half-updated by another node.
     cur = await conn.execute(f"{_SELECT_MESSAGES} WHERE {where}", args)
     return _decode_rows(await cur.fetchall())
+
+
+def _after_attempt(message: StoredMessage, results: Mapping[str, RecipientResult], now: float
+                   ) -> StoredMessage:
+    """The message as record_attempt leaves it (lease released), worked out from the locked row
+    rather than read back: the same decoding rules, one round trip fewer."""
+    recipients = []
+    for state in message.recipients:
+        result = results.get(state.recipient.address)
+        if result is not None:
+            held = message.held and result.status not in FINAL_STATUSES
+            state = RecipientState(recipient=state.recipient, status="held" if held else result.status,
+                                   attempts=state.attempts + 1, next_attempt_at=result.next_attempt_at,
+                                   last_reply=result.reply, last_attempt_at=now, tls=result.tls)
+        recipients.append(state)
+    return dataclasses.replace(message, recipients=tuple(recipients), lease_owner=None, lease_expires_at=None)
 
 
 def _decode_rows(rows: Sequence[Sequence[Any]]) -> builtins.list[StoredMessage | CorruptMessage]:
@@ -552,10 +569,9 @@ class PostgresQueue:
         results = dict(results)
 
         async def apply(conn: AsyncConnection[Any]) -> StoredMessage | None:
-            # Pipelined: statements whose results are not needed yet go out together, so the
-            # whole transaction takes about three round trips.
-            async with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
-                # The row lock orders this against another node's lease, retry or delete.
+            async with conn.transaction(), conn.cursor() as cur:
+                # The row lock orders this against another node's lease, retry or delete, so what
+                # is read here stays true until COMMIT and the outcome can be worked out from it.
                 found = await _read_messages(conn, "m.id = %s FOR UPDATE OF m", (id,))
                 if not found:
                     raise LeaseLost(id, owner)
@@ -579,21 +595,16 @@ class PostgresQueue:
                         [(r.status, r.next_attempt_at, r.reply, now,
                           None if r.tls is None else r.tls.to_json(), id, seq_of[address])
                          for address, r in results.items()])
-                await cur.execute(
-                    "SELECT count(*), min(next_attempt_at) FROM recipient"
-                    " WHERE message_id = %s AND status IN ('queued', 'deferred')", (id,))
-                row = await cur.fetchone()
-                assert row is not None
-                pending, due = row
-                if pending == 0:
+                updated = _after_attempt(message, results, now)
+                if not updated.pending:
                     await self._delete(cur, id)
                     return None
+                due = min((r.next_attempt_at for r in updated.pending if r.next_attempt_at is not None),
+                          default=None)
                 await cur.execute("UPDATE message SET next_attempt_at = %s, lease_owner = NULL,"
                                   " lease_expires_at = NULL WHERE id = %s", (due, id))
                 if due is not None and due <= now:
                     await self._notify(cur)  # released with work due now: another node may take it
-                (updated,) = await _read_messages(conn, "m.id = %s", (id,))
-                assert isinstance(updated, StoredMessage)  # decoded above; only recipient columns changed
                 return updated
 
         try:
