@@ -19,9 +19,11 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from hostile import RecordProperty
 from mailward_server import PASSWORD, USER, MailwardServer, free_port
 from smtp_peer import verifying_context
 
@@ -141,9 +143,9 @@ class RecordingSink:
 
 
 @pytest.fixture
-def recording_sink() -> RecordingSink:
+def recording_sink() -> Iterator[RecordingSink]:
     sink = RecordingSink().start()
-    yield sink  # type: ignore[misc]
+    yield sink
     sink.stop()
 
 
@@ -220,10 +222,10 @@ class Load:
         return self.acked
 
 
-def wait_for(condition: object, timeout: float, what: str) -> None:
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
+        if condition():
             return
         time.sleep(0.2)
     raise AssertionError(f"{what} within {timeout}s")
@@ -231,7 +233,7 @@ def wait_for(condition: object, timeout: float, what: str) -> None:
 
 def test_three_nodes_deliver_every_acknowledged_message_when_one_is_killed(
         make_server: MakeServer, pg_server: PgServer, recording_sink: RecordingSink,  # noqa: F811
-        record_property: pytest.RecordProperty) -> None:
+        record_property: RecordProperty) -> None:
     url = pg_server.database()
     nodes = start_nodes(make_server, url, recording_sink, per_destination=10)
     loads = [Load(node, f"n{i}", clients=3) for i, node in enumerate(nodes)]
