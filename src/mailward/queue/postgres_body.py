@@ -1,8 +1,11 @@
-"""Message bodies of the PostgreSQL queue: how they are stored, received and read back verified.
+"""Message bodies of the PostgreSQL queue: how they are stored, received (with group commit) and
+read back verified.
 
 Split from `mailward.queue.postgres`, which owns the queue itself. `BodyStore` is the seam where a
-shared object store can later replace the bytea rows of `DatabaseBodies`; the transaction and the
-reader depend only on it and on the queue's private helpers.
+shared object store can later replace the bytea rows of `DatabaseBodies`. With `DatabaseBodies`
+the queue takes shortcuts that only a body in the same database allows: a message, recipients and
+body inserted by one statement (`Inserter`), the first chunk read with the record, a message
+removed by one statement. Another store goes through the `BodyStore` methods instead.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ if TYPE_CHECKING:
 
 CHANNEL = "mailward_work"  # LISTEN/NOTIFY channel: "a commit, release or retry may have made work"
 
-__all__ = ["BodyStore", "DatabaseBodies", "PostgresBodyReader", "PostgresTransaction"]
+__all__ = ["CHANNEL", "BodyStore", "DatabaseBodies", "Inserter", "NewMessage", "PostgresBodyReader",
+           "PostgresTransaction"]
 
 log = logging.getLogger("mailward.queue")
 
