@@ -830,10 +830,21 @@ class Deliverer:
         no gate: both limits count connections at work."""
         if not isinstance(self.queue, DestinationSlots):
             return None
-        while (slot := await self.queue.acquire_destination_slot(key, self.dc.per_destination,
-                                                                  self.clock())) is None:
+        warned = False
+        while True:
+            try:
+                slot = await self.queue.acquire_destination_slot(key, self.dc.per_destination, self.clock())
+            except QueueError as exc:
+                # The database is away: wait for it rather than connect beyond the limit (and then
+                # be unable to record the result anyway).
+                if not warned:
+                    log.warning("%s: cannot take a shared connection slot, waiting: %s", key, exc)
+                    warned = True
+                slot = None
+                await asyncio.sleep(1.0)
+            if slot is not None:
+                return slot
             await asyncio.sleep(SHARED_SLOT_POLL * (0.5 + self.rng.random()))
-        return slot
 
     async def _release_shared_slot(self, key: str, slot: int) -> None:
         assert isinstance(self.queue, DestinationSlots)

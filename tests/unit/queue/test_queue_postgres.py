@@ -406,3 +406,34 @@ def test_record_attempt_returns_the_message_exactly_as_stored(url: str) -> None:
             assert [r.status for r in returned.recipients] == ["held", "failed", "held"]
 
     run(test)
+
+
+def test_a_deliverer_waits_for_the_database_before_taking_a_shared_slot(
+        url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from mailward.config import config_from_dict
+    from mailward.delivery import Deliverer
+
+    config = config_from_dict({"listener": [], "hostname": "out.example.net", "state_dir": str(tmp_path),
+                               "delivery": {"per_destination": 2}}, "test", base_dir=tmp_path)
+
+    async def test() -> None:
+        async with await PostgresQueue.open(url, pool_size=2) as queue:
+            deliverer = Deliverer(config, queue, None, None, owner="t:1")
+            # Every pooled connection is cut, as by a database restart: the first tries fail.
+            async with queue._pool.connection() as c1, queue._pool.connection() as c2:
+                pids = [c1.info.backend_pid, c2.info.backend_pid]
+            with psycopg.connect(url, autocommit=True) as admin:
+                for pid in pids:
+                    admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            first = await asyncio.wait_for(deliverer._shared_slot("example.org"), 10)
+            second = await deliverer._shared_slot("example.org")
+            assert {first, second} == {0, 1}
+            # Both of the destination's slots are taken: a third waits until one is released.
+            third = asyncio.create_task(deliverer._shared_slot("example.org"))
+            await asyncio.sleep(0.5)
+            assert not third.done()
+            await deliverer._release_shared_slot("example.org", first)
+            assert await asyncio.wait_for(third, 5) == first
+
+    run(test)
+    assert any("cannot take a shared connection slot, waiting" in r.getMessage() for r in caplog.records)
