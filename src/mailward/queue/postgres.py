@@ -731,6 +731,13 @@ class PostgresQueue:
                 listed.append(message)
         return listed
 
+    async def scan(self, limit: int = 100, after: str | None = None
+                   ) -> builtins.list[StoredMessage | CorruptMessage]:
+        """`list` for the operator's tools: undecodable records come back as CorruptMessage (to be
+        reported) instead of being held, so looking changes nothing."""
+        return await self._run(lambda conn: _read_messages(
+            conn, "m.id > %s ORDER BY m.id LIMIT %s", (after or "", max(0, limit))))
+
     async def _scalar(self, query: str, args: Sequence[Any] = ()) -> Any:
         async def read(conn: AsyncConnection[Any]) -> Any:
             cur = await conn.execute(query, args)

@@ -90,8 +90,19 @@ class SharedQueue:
             self._runner.close()
 
     def messages(self) -> tuple[list[StoredMessage], list[CorruptMessage]]:
-        # The queue holds and logs records it cannot decode instead of listing them.
-        return self._run(_all_messages(self.queue)), []
+        """Every message in id order, and the undecodable ones, as `QueueFile.messages` gives them."""
+        async def scan() -> tuple[list[StoredMessage], list[CorruptMessage]]:
+            good: list[StoredMessage] = []
+            bad: list[CorruptMessage] = []
+            after: str | None = None
+            while page := await self.queue.scan(limit=PAGE, after=after):
+                good += [m for m in page if isinstance(m, StoredMessage)]
+                bad += [m for m in page if isinstance(m, CorruptMessage)]
+                last = page[-1]
+                after = last.id if isinstance(last, StoredMessage) else last.message_id
+            return good, bad
+
+        return self._run(scan())
 
     def get(self, id: str) -> StoredMessage | None:
         from mailward.queuetool import CorruptRecord
@@ -142,12 +153,12 @@ class SharedQueue:
 async def _all_messages(queue: Any) -> list[StoredMessage]:
     out: list[StoredMessage] = []
     after: str | None = None
-    while True:
-        page: list[StoredMessage] = await queue.list(limit=PAGE, after=after)
+    # Until an empty page: list() leaves out (and holds) undecodable records, so a short page does
+    # not mean the end.
+    while page := await queue.list(limit=PAGE, after=after):
         out += page
-        if len(page) < PAGE:
-            return out
         after = page[-1].id
+    return out
 
 
 # --- migrate --------------------------------------------------------------------------------------

@@ -437,3 +437,24 @@ def test_a_deliverer_waits_for_the_database_before_taking_a_shared_slot(
 
     run(test)
     assert any("cannot take a shared connection slot, waiting" in r.getMessage() for r in caplog.records)
+
+
+def test_the_queue_tool_lists_and_reports_damaged_records_without_changing_them(url: str) -> None:
+    from mailward.queue.postgres_tool import SharedQueue
+
+    async def setup() -> tuple[str, str]:
+        async with await PostgresQueue.open(url) as queue:
+            return await store(queue), await store(queue)
+
+    bad, good = run(setup)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE message SET envelope = 'garbage' WHERE id = %s", (bad,))
+    tool = SharedQueue(url)
+    try:
+        listed, damaged = tool.messages()
+    finally:
+        tool.close()
+    assert [m.id for m in listed] == [good]
+    assert [c.message_id for c in damaged] == [bad]
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT held FROM message WHERE id = %s", (bad,)).fetchone() == (False,)
