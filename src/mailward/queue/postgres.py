@@ -31,6 +31,10 @@ the queue needs one, and nothing is built that the server already does well:
 
 Times are epoch seconds from the callers, as in SQLite, so lease expiry compares clocks of
 different nodes: keep them synchronised (NTP), as any cluster must.
+
+Beside this module: `postgres_schema` (the tables and `queue migrate`), `postgres_rows`
+(connecting, and rows into the model), `postgres_body` (bodies, receiving, group commit) and
+`postgres_tool` (the `mailward queue` commands for a shared queue).
 """
 
 from __future__ import annotations
@@ -38,7 +42,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import logging
@@ -52,7 +55,6 @@ from typing import TYPE_CHECKING, Any, NoReturn, Self, TypeVar
 import psycopg
 import psycopg.errors
 from psycopg import AsyncConnection, AsyncCursor
-from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from mailward.queue import (
@@ -62,14 +64,11 @@ from mailward.queue import (
     LeaseLost,
     MessageNotFound,
     QueueError,
-    QueueFull,
     Recipient,
     RecipientResult,
-    RecipientState,
     StoredMessage,
     StsPolicyRecord,
     TlsRptTally,
-    TlsVerdict,
 )
 from mailward.queue.postgres_body import (
     CHANNEL,
@@ -79,6 +78,17 @@ from mailward.queue.postgres_body import (
     NewMessage,
     PostgresBodyReader,
     PostgresTransaction,
+)
+from mailward.queue.postgres_rows import (
+    MESSAGE_COLUMNS,
+    after_attempt,
+    configure,
+    connect,
+    connect_error,
+    decode_rows,
+    describe_url,
+    read_messages,
+    storage_error,
 )
 from mailward.queue.postgres_schema import SCHEMA_VERSION, schema_version
 
@@ -93,143 +103,6 @@ T = TypeVar("T")
 _KIB = 1024
 SLOT_SECONDS = 30.0  # a destination slot not renewed for this long belongs to a dead node
 _RETRIES = 3  # attempts of a transaction PostgreSQL aborted for a deadlock or serialization failure
-_STORED_STATUSES = frozenset({"queued", "deferred", "delivered", "failed"})
-
-# A message row with its recipients (as JSON, in order) in one row, so one statement reads it whole.
-_MESSAGE_COLUMNS = """m.id, m.envelope, m.size, m.digest, m.created_at, m.lease_owner, m.lease_expires_at,
-       m.held, m.hold_reason,
-       (SELECT json_agg(json_build_array(r.address, r.notify, r.orcpt, r.status, r.attempts,
-                                         r.next_attempt_at, r.last_reply, r.last_attempt_at, r.tls)
-                        ORDER BY r.seq)
-          FROM recipient r WHERE r.message_id = m.id)"""
-_SELECT_MESSAGES = f"SELECT {_MESSAGE_COLUMNS} FROM message m"
-
-
-# --- connecting and errors ------------------------------------------------------------------------
-
-
-def describe_url(url: str) -> str:
-    """Where a URL points, for messages: host (or socket directory), port and database, never the
-    password."""
-    try:
-        params = conninfo_to_dict(url)
-    except psycopg.Error:
-        return "the PostgreSQL server in queue.url"
-    host = str(params.get("host") or "the default socket")
-    port = params.get("port")
-    where = f"{host}:{port}" if port else host
-    return f"PostgreSQL at {where}, database {params.get('dbname') or params.get('user') or '(default)'}"
-
-
-def _connect_error(url: str, exc: BaseException) -> QueueError:
-    """One sentence for the operator: what is wrong with reaching the database and how to fix it."""
-    try:
-        password = str(conninfo_to_dict(url).get("password") or "")
-    except psycopg.Error:
-        # The parser's message may quote the URL, password included.
-        return QueueError("queue.url is not a valid PostgreSQL URL; write it as "
-                          "postgresql://USER:PASSWORD@HOST:PORT/DATABASE, with special characters in the "
-                          "password percent-encoded.")
-    where = describe_url(url)
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if password:
-        text = text.replace(password, "***")
-    if "password authentication failed" in text or "no password supplied" in text:
-        return QueueError(f"{where} refused the login ({text}); check the user and password in queue.url "
-                          "(or in ~/.pgpass).")
-    if "does not exist" in text and "database" in text:
-        return QueueError(f"{where} has no such database ({text}); create it (createdb) or fix the "
-                          "database name in queue.url.")
-    return QueueError(f"cannot connect to {where} ({text}); check that PostgreSQL is running and that "
-                      "queue.url names its host, port and database.")
-
-
-def _storage_error(exc: BaseException) -> QueueError:
-    """The QueueError a database failure becomes; the server turns any of them into a 451."""
-    if isinstance(exc, QueueError):
-        return exc
-    if isinstance(exc, psycopg.errors.DiskFull | psycopg.errors.OutOfMemory):
-        return QueueFull(f"queue storage is full: {exc}")
-    return QueueError(f"queue storage failed: {exc}")
-
-
-async def _configure(conn: AsyncConnection[Any]) -> None:
-    # Set here rather than trusted from the server: the 250 depends on it.
-    await conn.execute("SET synchronous_commit = on")
-
-
-async def connect(url: str, *, timeout: float = 10.0) -> AsyncConnection[Any]:
-    """One autocommit connection with the queue's settings; QueueError in one sentence if the
-    server cannot be reached or refuses the login."""
-    try:
-        conn = await AsyncConnection.connect(url, autocommit=True, connect_timeout=max(1, int(timeout)),
-                                             application_name="mailward")
-        await _configure(conn)
-    except psycopg.Error as exc:
-        raise _connect_error(url, exc) from None
-    return conn
-
-
-# --- decoding -------------------------------------------------------------------------------------
-
-
-def _decode(row: Sequence[Any]) -> StoredMessage:
-    id, envelope, size, digest, created_at, lease_owner, lease_expires_at, held, hold_reason, rcpts = row
-    if not rcpts:
-        raise ValueError("no recipients")
-    recipients = []
-    for address, notify, orcpt, status, attempts, next_at, last_reply, last_at, tls in rcpts:
-        if status not in _STORED_STATUSES:
-            raise ValueError(f"unknown recipient status {status!r}")
-        recipients.append(RecipientState(
-            recipient=Recipient(address=address, dsn_notify=frozenset(n for n in notify.split(",") if n),
-                                dsn_orcpt=orcpt),
-            status="held" if held and status not in FINAL_STATUSES else status,
-            attempts=int(attempts),
-            next_attempt_at=None if next_at is None else float(next_at),
-            last_reply=last_reply,
-            last_attempt_at=None if last_at is None else float(last_at),
-            tls=None if tls is None else TlsVerdict.from_json(tls),
-        ))
-    return StoredMessage(
-        id=id, envelope=Envelope.from_json(envelope), recipients=tuple(recipients), size=int(size),
-        digest=str(digest), created_at=float(created_at), lease_owner=lease_owner,
-        lease_expires_at=lease_expires_at, held=bool(held), hold_reason=hold_reason)
-
-
-async def _read_messages(conn: AsyncConnection[Any], where: str, args: Sequence[Any]
-                         ) -> builtins.list[StoredMessage | CorruptMessage]:
-    # One statement: it sees one snapshot, so a message is never read half-updated by another node.
-    cur = await conn.execute(f"{_SELECT_MESSAGES} WHERE {where}", args)
-    return _decode_rows(await cur.fetchall())
-
-
-def _after_attempt(message: StoredMessage, results: Mapping[str, RecipientResult], now: float
-                   ) -> StoredMessage:
-    """The message as record_attempt leaves it (lease released), worked out from the locked row
-    rather than read back: the same decoding rules, one round trip fewer."""
-    recipients = []
-    for state in message.recipients:
-        result = results.get(state.recipient.address)
-        if result is not None:
-            held = message.held and result.status not in FINAL_STATUSES
-            state = RecipientState(recipient=state.recipient, status="held" if held else result.status,
-                                   attempts=state.attempts + 1, next_attempt_at=result.next_attempt_at,
-                                   last_reply=result.reply, last_attempt_at=now, tls=result.tls)
-        recipients.append(state)
-    return dataclasses.replace(message, recipients=tuple(recipients), lease_owner=None, lease_expires_at=None)
-
-
-def _decode_rows(rows: Sequence[Sequence[Any]]) -> builtins.list[StoredMessage | CorruptMessage]:
-    out: builtins.list[StoredMessage | CorruptMessage] = []
-    for row in rows:
-        try:
-            out.append(_decode(row))
-        except (ValueError, TypeError, KeyError) as exc:
-            out.append(CorruptMessage(row[0], f"undecodable record: {exc}"))
-    return out
-
-
 # --- the queue ------------------------------------------------------------------------------------
 
 
@@ -253,7 +126,7 @@ class PostgresQueue:
         self.node = node or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self.slot_seconds = slot_seconds
         self._pool = AsyncConnectionPool(url, min_size=min(2, pool_size), max_size=pool_size, open=False,
-                                         configure=_configure, name="mailward-queue", timeout=30.0,
+                                         configure=configure, name="mailward-queue", timeout=30.0,
                                          kwargs={"autocommit": True, "application_name": "mailward"})
         self._work: asyncio.Event | None = None
         self._listener: asyncio.Task[None] | None = None
@@ -279,7 +152,7 @@ class PostgresQueue:
         try:
             version = await schema_version(conn)
         except psycopg.Error as exc:
-            raise _connect_error(self.url, exc) from None
+            raise connect_error(self.url, exc) from None
         finally:
             await conn.close()
         where = describe_url(self.url)
@@ -295,12 +168,12 @@ class PostgresQueue:
             await self._pool.open(wait=True, timeout=15.0)
         except (PoolTimeout, psycopg.Error) as exc:
             await self._pool.close()
-            raise _connect_error(self.url, exc) from None
+            raise connect_error(self.url, exc) from None
         try:
             listening = await self._listen_connection()
         except psycopg.Error as exc:
             await self._pool.close()
-            raise _connect_error(self.url, exc) from None
+            raise connect_error(self.url, exc) from None
         self._opened = True
         self._work = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -358,7 +231,7 @@ class PostgresQueue:
                     raise QueueError("queue storage stayed busy with conflicting changes") from None
                 await asyncio.sleep(0.01 * (attempt + 1))
             except (psycopg.Error, PoolTimeout) as exc:
-                raise _storage_error(exc) from exc
+                raise storage_error(exc) from exc
         raise AssertionError("unreachable")
 
     async def _notify(self, cur: AsyncCursor[Any]) -> None:
@@ -502,9 +375,9 @@ class PostgresQueue:
                 "  ORDER BY next_attempt_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
                 " UPDATE message m SET lease_owner = %(owner)s, lease_expires_at = %(expires)s,"
                 "  next_attempt_at = %(expires)s FROM due WHERE m.id = due.id"
-                f" RETURNING {_MESSAGE_COLUMNS}",
+                f" RETURNING {MESSAGE_COLUMNS}",
                 {"now": now, "limit": limit, "owner": owner, "expires": expires})
-            return _decode_rows(await cur.fetchall())
+            return decode_rows(await cur.fetchall())
 
         leased: builtins.list[StoredMessage] = []
         for message in await self._run(claim):
@@ -572,7 +445,7 @@ class PostgresQueue:
             async with conn.transaction(), conn.cursor() as cur:
                 # The row lock orders this against another node's lease, retry or delete, so what
                 # is read here stays true until COMMIT and the outcome can be worked out from it.
-                found = await _read_messages(conn, "m.id = %s FOR UPDATE OF m", (id,))
+                found = await read_messages(conn, "m.id = %s FOR UPDATE OF m", (id,))
                 if not found:
                     raise LeaseLost(id, owner)
                 message = found[0]
@@ -595,7 +468,7 @@ class PostgresQueue:
                         [(r.status, r.next_attempt_at, r.reply, now,
                           None if r.tls is None else r.tls.to_json(), id, seq_of[address])
                          for address, r in results.items()])
-                updated = _after_attempt(message, results, now)
+                updated = after_attempt(message, results, now)
                 if not updated.pending:
                     await self._delete(cur, id)
                     return None
@@ -710,7 +583,7 @@ class PostgresQueue:
     # --- reading ---
 
     async def get(self, id: str) -> StoredMessage | None:
-        found = await self._run(lambda conn: _read_messages(conn, "m.id = %s", (id,)))
+        found = await self._run(lambda conn: read_messages(conn, "m.id = %s", (id,)))
         if not found:
             return None
         message = found[0]
@@ -719,7 +592,7 @@ class PostgresQueue:
         return message
 
     async def list(self, limit: int = 100, after: str | None = None) -> builtins.list[StoredMessage]:
-        found = await self._run(lambda conn: _read_messages(
+        found = await self._run(lambda conn: read_messages(
             conn, "m.id > %s ORDER BY m.id LIMIT %s", (after or "", max(0, limit))))
         listed: builtins.list[StoredMessage] = []
         for message in found:
@@ -735,7 +608,7 @@ class PostgresQueue:
                    ) -> builtins.list[StoredMessage | CorruptMessage]:
         """`list` for the operator's tools: undecodable records come back as CorruptMessage (to be
         reported) instead of being held, so looking changes nothing."""
-        return await self._run(lambda conn: _read_messages(
+        return await self._run(lambda conn: read_messages(
             conn, "m.id > %s ORDER BY m.id LIMIT %s", (after or "", max(0, limit))))
 
     async def _scalar(self, query: str, args: Sequence[Any] = ()) -> Any:
