@@ -154,7 +154,7 @@ def node_toml(url: str, sink: RecordingSink, name: str, per_destination: int) ->
 url = "{url}"
 [delivery]
 helo_name = "{name}"
-lease_seconds = 5
+lease_seconds = 10
 retry_initial = 2
 per_destination = {per_destination}
 slow_start_initial = {min(2, per_destination)}
@@ -246,7 +246,7 @@ def test_three_nodes_deliver_every_acknowledged_message_when_one_is_killed(
     by_victim = len(loads[1].acked)
     assert by_victim > 0 and len(acked) > by_victim, "every node must have taken mail before the kill"
 
-    # The victim's leases expire (lease_seconds = 5) and the two others deliver what it held.
+    # The victim's leases expire (lease_seconds = 10) and the two others deliver what it held.
     wanted = set(acked)
     wait_for(lambda: wanted <= set(recording_sink.subjects()), 120,
              "every acknowledged message must be delivered")
