@@ -105,8 +105,12 @@ async def connect(url: str, *, timeout: float = 10.0) -> AsyncConnection[Any]:
     try:
         conn = await AsyncConnection.connect(url, autocommit=True, connect_timeout=max(1, int(timeout)),
                                              application_name="mailward")
+    except psycopg.Error as exc:
+        raise connect_error(url, exc) from None
+    try:
         await configure(conn)
     except psycopg.Error as exc:
+        await conn.close()
         raise connect_error(url, exc) from None
     return conn
 
