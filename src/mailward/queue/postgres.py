@@ -244,7 +244,11 @@ class PostgresQueue:
 
     async def _listen_connection(self) -> AsyncConnection[Any]:
         conn = await AsyncConnection.connect(self.url, autocommit=True, application_name="mailward")
-        await conn.execute(f"LISTEN {CHANNEL}")
+        try:
+            await conn.execute(f"LISTEN {CHANNEL}")
+        except BaseException:
+            await conn.close()
+            raise
         self._listen_conn = conn
         return conn
 
