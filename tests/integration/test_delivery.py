@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
-from conftest import MakeServer, require_tool
 from mailward_server import PASSWORD, USER, MailwardServer, free_port
 from smtp_peer import verifying_context
 
+from conftest import MakeServer, require_tool
 from mailward.queue.sqlite import SqliteQueue
 from mailward.smtp import codes
 from mailward.smtp.events import (

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from conftest import MakeServer
 from dnssec import DEAD, LIVE, RESOLVER_IP, SILENT, TLSA_DATA, DnsLab
 from test_delivery import Sink, deliveries, delivery_toml, message, submit_mx, wait_until
 
+from conftest import MakeServer
 from mailward.delivery.dns import DnsPermanentError, DnsResolver, DnsTemporaryError
 from mailward.delivery.policy import TlsaRecord
 

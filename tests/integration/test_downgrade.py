@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import MakeServer
 from cryptography import x509
 from mailward_server import MailwardServer
 from test_delivery import (
@@ -28,6 +27,7 @@ from test_delivery import (
     wait_until,
 )
 
+from conftest import MakeServer
 from mailward.delivery.attempt import AttemptError, AttemptSettings, Session
 from mailward.delivery.dane import association_data
 from mailward.delivery.policy import (

@@ -7,9 +7,10 @@ import ssl
 import time
 
 import pytest
-from conftest import MakeServer
 from mailward_server import KINDS, PASSWORD, USER, MailwardServer
 from smtp_peer import Peer, dot_stuff, plain_auth
+
+from conftest import MakeServer
 
 TOO_MANY = (421, "4.7.0 Too many connections, try again later")
 TIMEOUT = (421, "4.4.2 Timeout exceeded, closing connection")

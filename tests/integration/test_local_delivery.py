@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import MakeServer, require_tool
 from local_submit import ok, sendmail
 from mailward_server import MailwardServer
 
+from conftest import MakeServer, require_tool
 from mailward.delivery.local import LmtpServer, LocalDelivery, LocalRecipients, LocalResult
 from mailward.queue import Envelope, Recipient, RecipientState, StoredMessage
 from mailward.service import DEMO_USER, prepare_demo

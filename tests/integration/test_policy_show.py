@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from conftest import MakeServer
 from dnssec import DEAD, LIVE, TLSA_DATA, DnsLab
 from mailward_server import MailwardServer
 from test_delivery import delivery_toml
+
+from conftest import MakeServer
 
 POLICY = """
 [[delivery.policy]]

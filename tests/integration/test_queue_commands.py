@@ -10,11 +10,11 @@ import time
 from typing import Any
 
 import pytest
-from conftest import MakeServer, require_tool
 from local_submit import PARKED, ok, parked_toml, sendmail, socket_path
 from mailward_server import MailwardServer, free_port
 from test_delivery import PickyServer, deliveries, delivery_toml, message, route, submit_mx, wait_until
 
+from conftest import MakeServer, require_tool
 from mailward.sendmail import login_name
 
 

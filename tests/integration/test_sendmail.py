@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MakeServer
 from local_submit import PARKED, ok, parked_toml, sendmail, socket_path
 from mailward_server import USER, MailwardServer, free_port
 
+from conftest import MakeServer
 from mailward.sendmail import login_name
 
 

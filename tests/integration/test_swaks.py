@@ -8,9 +8,10 @@ import uuid
 
 import pytest
 from checks import check_envelope, check_received
-from conftest import require_tool
 from mailward_server import PASSWORD, USER, MailwardServer
 from smtp_peer import Peer, plain_auth
+
+from conftest import require_tool
 
 
 @pytest.fixture(scope="module")

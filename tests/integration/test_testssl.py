@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require_tool
 from mailward_server import KINDS, MailwardServer
+
+from conftest import require_tool
 
 NOT_OFFERED = ["SSLv2", "SSLv3", "TLS1", "TLS1_1", "cipherlist_NULL", "cipherlist_aNULL",
                "cipherlist_EXPORT", "cipherlist_LOW", "cipherlist_3DES_IDEA",
