@@ -17,14 +17,14 @@ import logging
 import tempfile
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, Protocol, Self
+from typing import IO, TYPE_CHECKING, Any, NoReturn, Protocol
 
 from psycopg import AsyncConnection, AsyncCursor
 
-from mailward.queue import Envelope, MessageNotFound, QueueError, QueueFull, Recipient, new_queue_id
+from mailward.queue import Envelope, QueueError, QueueFull
+from mailward.queue.body import ReceivingTransaction, VerifiedBodyReader
 
 if TYPE_CHECKING:
     from mailward.queue.postgres import PostgresQueue
@@ -226,7 +226,7 @@ def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
 # --- receiving ------------------------------------------------------------------------------------
 
 
-class PostgresTransaction:
+class PostgresTransaction(ReceivingTransaction):
     """One message being received into a `PostgresQueue`; see `mailward.queue.Transaction`.
 
     The body collects in memory, or in an unnamed spool file once larger than `spool_threshold`,
@@ -235,58 +235,18 @@ class PostgresTransaction:
     """
 
     def __init__(self, queue: PostgresQueue, envelope: Envelope) -> None:
+        super().__init__(envelope, queue.spool_threshold)
         self._queue = queue
-        self._envelope = envelope
-        self._id = new_queue_id()
-        self._recipients: list[Recipient] = []
-        self._addresses: set[str] = set()
-        self._buffer = bytearray()
-        self._spool: IO[bytes] | None = None
-        self._hash = hashlib.sha256()
-        self._size = 0
-        self._state = "open"  # open | committing | committed | failed | aborted
         self._storing: asyncio.Future[None] | None = None
 
-    @property
-    def id(self) -> str:
-        return self._id
+    def _new_spool(self) -> IO[bytes]:
+        return tempfile.TemporaryFile()
 
-    @property
-    def envelope(self) -> Envelope:
-        return self._envelope
+    def _spool_error(self, exc: OSError) -> QueueError:
+        return QueueFull(f"cannot spool the message body: {exc}")
 
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def _require_open(self) -> None:
-        if self._state != "open":
-            raise RuntimeError(f"transaction {self._id} is {self._state}")
-
-    async def add_rcpt(self, recipient: Recipient) -> None:
-        self._require_open()
-        if recipient.address not in self._addresses:
-            self._addresses.add(recipient.address)
-            self._recipients.append(recipient)
-
-    async def write_body(self, chunk: bytes) -> None:
-        self._require_open()
-        if not chunk:
-            return
-        try:
-            if self._spool is None and len(self._buffer) + len(chunk) > self._queue.spool_threshold:
-                self._spool = tempfile.TemporaryFile()  # noqa: SIM115 - owned by the transaction
-                self._spool.write(self._buffer)
-                self._buffer = bytearray()
-            if self._spool is not None:
-                self._spool.write(chunk)
-            else:
-                self._buffer += chunk
-        except OSError as exc:
-            self._fail()
-            raise QueueFull(f"cannot spool the message body: {exc}") from exc
-        self._hash.update(chunk)
-        self._size += len(chunk)
+    def _forget(self) -> None:
+        self._queue._live.discard(self)
 
     def _chunks(self) -> Iterator[bytes]:
         size = self._queue.chunk_size
@@ -352,90 +312,30 @@ class PostgresTransaction:
             except QueueError as exc:
                 log.warning("message %s: commit interrupted and not removed: %s", self._id, exc)
 
-    def _release_body(self) -> None:
-        self._buffer = bytearray()
-        if self._spool is not None:
-            self._spool.close()
-            self._spool = None
 
-    def _fail(self, state: str = "failed") -> None:
-        self._state = state
-        self._release_body()
-        self._queue._live.discard(self)
-
-    def _shutdown(self) -> None:
-        if self._state == "open":
-            self._fail("aborted")
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        if self._state != "committed":
-            await self.abort()
-
-
-# --- reading bodies -------------------------------------------------------------------------------
-
-
-class PostgresBodyReader(AsyncIterator[bytes]):
-    """Streams a stored body and verifies its length and sha256; the last chunk is handed out only
-    after the whole body matched, so a damaged message is never sent complete (see SqliteBodyReader)."""
+class PostgresBodyReader(VerifiedBodyReader):
+    """A stored body, chunk by chunk, verified (see VerifiedBodyReader)."""
 
     def __init__(self, queue: PostgresQueue, id: str, size: int, digest: str, chunks: int,
                  first: bytes | None = None) -> None:
-        self.id = id
-        self._first = first  # chunk 0, when it came with the message's record
-        self.size = size
-        self.digest = digest
+        super().__init__(id, size, digest, chunks)
         self._queue = queue
-        self._chunks = chunks
-        self._next = 0
-        self._ahead: bytes | None = None
-        self._hash = hashlib.sha256()
-        self._received = 0
-        self._done = False
+        self._first = first  # chunk 0, when it came with the message's record
 
-    def __aiter__(self) -> PostgresBodyReader:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._done:
-            raise StopAsyncIteration
-        if self._ahead is None and self._next < self._chunks:
-            self._ahead = await self._fetch()
-        if self._next < self._chunks:
-            out, self._ahead = self._ahead, await self._fetch()
-            assert out is not None
-            return out
-        self._done = True
-        last, self._ahead = self._ahead, None
-        if self._received != self.size or self._hash.hexdigest() != self.digest:
-            await self._queue._corrupt(
-                self.id, f"body does not match its digest ({self._received} of {self.size} bytes read)")
-        if last is None:
-            raise StopAsyncIteration
-        return last
-
-    async def read(self) -> bytes:
-        """The whole (verified) body; for small messages and tools, not for the delivery path."""
-        return b"".join([chunk async for chunk in self])
-
-    async def _fetch(self) -> bytes:
-        seq = self._next
-        self._next += 1
+    async def _load(self, seq: int) -> bytes | None:
         if seq == 0 and self._first is not None:
             data: bytes | None = self._first
             self._first = None
         else:
             data = await self._queue._chunk(self.id, seq)
-        if data is None:
-            self._done = True
-            if await self._queue.get(self.id) is None:
-                raise MessageNotFound(self.id)
-            await self._queue._corrupt(self.id, f"body chunk {seq} of {self._chunks} is missing")
-        self._hash.update(data)
-        self._received += len(data)
+        if data is not None:
+            self._count(data)
         return data
+
+    async def _exists(self) -> bool:
+        return await self._queue.get(self.id) is not None
+
+    async def _corrupt(self, detail: str) -> NoReturn:
+        await self._queue._corrupt(self.id, detail)
+
 

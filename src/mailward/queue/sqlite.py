@@ -32,7 +32,6 @@ import builtins
 import contextlib
 import errno
 import functools
-import hashlib
 import logging
 import os
 import shutil
@@ -41,7 +40,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,14 +53,13 @@ from mailward.queue import (
     MessageNotFound,
     QueueError,
     QueueFull,
-    Recipient,
     RecipientResult,
     StoredMessage,
     StsPolicyRecord,
     TlsRptTally,
-    new_queue_id,
 )
 from mailward.queue import sqlite_store as store
+from mailward.queue.body import ReceivingTransaction, VerifiedBodyReader
 
 if TYPE_CHECKING:
     from mailward.queue import Queue, Transaction
@@ -666,66 +664,25 @@ class SqliteQueue:
 # --- receiving ------------------------------------------------------------------------------------
 
 
-class SqliteTransaction:
+class SqliteTransaction(ReceivingTransaction):
     """One message being received into a `SqliteQueue`; see `mailward.queue.Transaction`."""
 
     def __init__(self, queue: SqliteQueue, envelope: Envelope) -> None:
+        super().__init__(envelope, queue.spool_threshold)
         self._queue = queue
-        self._envelope = envelope
-        self._id = new_queue_id()
-        self._recipients: list[Recipient] = []
-        self._addresses: set[str] = set()
-        self._buffer = bytearray()
-        self._spool: IO[bytes] | None = None
-        self._hash = hashlib.sha256()
-        self._size = 0
-        self._state = "open"  # open | committing | committed | failed | aborted
 
-    @property
-    def id(self) -> str:
-        return self._id
+    def _new_spool(self) -> IO[bytes]:
+        # Unnamed (O_TMPFILE) where possible, so a crash leaves nothing to clean up; beside the
+        # database rather than in /tmp, which may be RAM.
+        spool = tempfile.TemporaryFile(dir=self._queue.tmp_dir)  # noqa: SIM115 - owned by the txn
+        self._queue.stats.spooled += 1
+        return spool
 
-    @property
-    def envelope(self) -> Envelope:
-        return self._envelope
+    def _spool_error(self, exc: OSError) -> QueueError:
+        return _storage_error(exc)
 
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def _require_open(self) -> None:
-        if self._state != "open":
-            raise RuntimeError(f"transaction {self._id} is {self._state}")
-
-    async def add_rcpt(self, recipient: Recipient) -> None:
-        self._require_open()
-        if recipient.address not in self._addresses:
-            self._addresses.add(recipient.address)
-            self._recipients.append(recipient)
-
-    async def write_body(self, chunk: bytes) -> None:
-        self._require_open()
-        if not chunk:
-            return
-        # Written from the event loop on purpose: an unsynced write lands in the page cache in
-        # microseconds, less than a hop to a thread would cost for every chunk.
-        try:
-            if self._spool is None and len(self._buffer) + len(chunk) > self._queue.spool_threshold:
-                # Unnamed (O_TMPFILE) where possible, so a crash leaves nothing to clean up; beside
-                # the database rather than in /tmp, which may be RAM.
-                self._spool = tempfile.TemporaryFile(dir=self._queue.tmp_dir)  # noqa: SIM115 - owned by the txn
-                self._queue.stats.spooled += 1
-                self._spool.write(self._buffer)
-                self._buffer = bytearray()
-            if self._spool is not None:
-                self._spool.write(chunk)
-            else:
-                self._buffer += chunk
-        except OSError as exc:
-            self._fail()
-            raise _storage_error(exc) from exc
-        self._hash.update(chunk)
-        self._size += len(chunk)
+    def _forget(self) -> None:
+        self._queue._live.discard(self)
 
     async def commit(self) -> str:
         self._require_open()
@@ -776,100 +733,30 @@ class SqliteTransaction:
             except QueueError as exc:
                 log.warning("message %s: commit interrupted and not removed: %s", self._id, exc)
 
-    def _fail(self, state: str = "failed") -> None:
-        self._state = state
-        self._buffer = bytearray()
-        if self._spool is not None:
-            self._spool.close()
-            self._spool = None
-        self._queue._live.discard(self)
-
-    def _shutdown(self) -> None:
-        # The queue is closing: an open transaction can no longer commit.
-        if self._state == "open":
-            self._fail("aborted")
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._state != "committed":
-            await self.abort()
-
 
 # --- reading bodies -------------------------------------------------------------------------------
 
 
-class SqliteBodyReader(AsyncIterator[bytes]):
-    """Streams a stored body chunk by chunk and verifies its length and sha256.
-
-    The last chunk is handed out only after the digest of the whole body has matched, so a
-    consumer that streams the body onward never receives all of a damaged message: it gets
-    CorruptMessage instead and must abandon the transfer (never send the final dot).
-    """
+class SqliteBodyReader(VerifiedBodyReader):
+    """A stored body, chunk by chunk from the reader threads, verified (see VerifiedBodyReader)."""
 
     def __init__(self, queue: SqliteQueue, id: str, size: int, digest: str, chunks: int) -> None:
-        self.id = id
-        self.size = size
-        self.digest = digest
+        super().__init__(id, size, digest, chunks)
         self._queue = queue
-        self._chunks = chunks
-        self._next = 0
-        self._ahead: bytes | None = None
-        self._hash = hashlib.sha256()
-        self._received = 0
-        self._done = False
 
-    def __aiter__(self) -> SqliteBodyReader:
-        return self
+    async def _load(self, seq: int) -> bytes | None:
+        return await self._queue._read(functools.partial(self._fetch_blocking, seq=seq))
 
-    async def __anext__(self) -> bytes:
-        if self._done:
-            raise StopAsyncIteration
-        if self._ahead is None and self._next < self._chunks:
-            self._ahead = await self._fetch()
-        if self._next < self._chunks:
-            out, self._ahead = self._ahead, await self._fetch()
-            assert out is not None
-            return out
-        self._done = True
-        last, self._ahead = self._ahead, None
-        if self._received != self.size or self._hash.hexdigest() != self.digest:
-            await self._queue._corrupt(
-                self.id, f"body does not match its digest ({self._received} of {self.size} bytes read)"
-            )
-        if last is None:
-            raise StopAsyncIteration
-        return last
+    async def _exists(self) -> bool:
+        return await self._queue._read(functools.partial(store.message_exists, id=self.id))
 
-    async def read(self) -> bytes:
-        """The whole (verified) body; for small messages and tools, not for the delivery path."""
-        return b"".join([chunk async for chunk in self])
-
-    async def _fetch(self) -> bytes:
-        seq = self._next
-        self._next += 1
-        data = await self._queue._read(functools.partial(self._fetch_blocking, seq=seq))
-        if data is None:
-            exists = await self._queue._read(functools.partial(store.message_exists, id=self.id))
-            self._done = True
-            if not exists:
-                raise MessageNotFound(self.id)
-            await self._queue._corrupt(self.id, f"body chunk {seq} of {self._chunks} is missing")
-        return data
+    async def _corrupt(self, detail: str) -> NoReturn:
+        await self._queue._corrupt(self.id, detail)
 
     def _fetch_blocking(self, conn: sqlite3.Connection, seq: int) -> bytes | None:
         data = store.body_chunk(conn, self.id, seq)
-        if data is None:
-            return None
-        # Hashing here keeps a large body's sha256 off the event loop.
-        self._hash.update(data)
-        self._received += len(data)
+        if data is not None:
+            self._count(data)  # here, so a large body's sha256 stays off the event loop
         return data
 
 
