@@ -47,6 +47,7 @@ __all__ = [
     "TlsVerdict",
     "Transaction",
     "new_queue_id",
+    "attempt_target",
 ]
 
 BodyType = Literal["7BIT", "8BITMIME", "BINARYMIME"]
@@ -459,6 +460,31 @@ class StoredMessage:
 
 
 # --- protocols ------------------------------------------------------------------------------------
+
+
+def attempt_target(
+    found: Sequence[StoredMessage | CorruptMessage], id: str, owner: str,
+    results: Mapping[str, RecipientResult],
+) -> tuple[StoredMessage, dict[str, int]]:
+    """What every backend checks before it records an attempt, before its first write (so a
+    refusal needs no undo): the message still exists, is readable and leased by `owner`, and each
+    result names one of its recipients that is not final yet. Returns the message and each
+    recipient's position. Raises LeaseLost, the CorruptMessage read, or ValueError."""
+    if not found:
+        raise LeaseLost(id, owner)
+    message = found[0]
+    if isinstance(message, CorruptMessage):
+        raise message
+    if message.lease_owner != owner:
+        raise LeaseLost(id, owner)
+    seq_of = {r.recipient.address: seq for seq, r in enumerate(message.recipients)}
+    for address in results:
+        if address not in seq_of:
+            raise ValueError(f"{address!r} is not a recipient of message {id}")
+        state = message.recipients[seq_of[address]]
+        if state.is_final:
+            raise ValueError(f"recipient {address!r} of message {id} is already {state.status}")
+    return message, seq_of
 
 
 class Transaction(Protocol):

@@ -69,6 +69,7 @@ from mailward.queue import (
     StoredMessage,
     StsPolicyRecord,
     TlsRptTally,
+    attempt_target,
 )
 from mailward.queue.postgres_body import (
     CHANNEL,
@@ -450,20 +451,7 @@ class PostgresQueue:
                 # The row lock orders this against another node's lease, retry or delete, so what
                 # is read here stays true until COMMIT and the outcome can be worked out from it.
                 found = await read_messages(conn, "m.id = %s FOR UPDATE OF m", (id,))
-                if not found:
-                    raise LeaseLost(id, owner)
-                message = found[0]
-                if isinstance(message, CorruptMessage):
-                    raise message
-                if message.lease_owner != owner:
-                    raise LeaseLost(id, owner)
-                seq_of = {r.recipient.address: seq for seq, r in enumerate(message.recipients)}
-                for address in results:
-                    if address not in seq_of:
-                        raise ValueError(f"{address!r} is not a recipient of message {id}")
-                    if message.recipients[seq_of[address]].is_final:
-                        raise ValueError(f"recipient {address!r} of message {id} is already "
-                                         f"{message.recipients[seq_of[address]].status}")
+                message, seq_of = attempt_target(found, id, owner, results)
                 if results:
                     # This attempt's verdict replaces the last one even when None (no connection).
                     await cur.executemany(

@@ -33,6 +33,7 @@ from mailward.queue import (
     StsPolicyRecord,
     TlsRptTally,
     TlsVerdict,
+    attempt_target,
 )
 
 log = logging.getLogger("mailward.queue")
@@ -281,22 +282,7 @@ def renew(conn: sqlite3.Connection, id: str, owner: str, expires: float) -> None
 def record_attempt(
     conn: sqlite3.Connection, id: str, owner: str, results: dict[str, RecipientResult], now: float
 ) -> StoredMessage | None:
-    # Everything is checked before the first write, so a refusal needs no undo.
-    found = read_messages(conn, "id = ?", (id,))
-    if not found:
-        raise LeaseLost(id, owner)
-    message = found[0]
-    if isinstance(message, CorruptMessage):
-        raise message
-    if message.lease_owner != owner:
-        raise LeaseLost(id, owner)
-    seq_of = {r.recipient.address: seq for seq, r in enumerate(message.recipients)}
-    for address in results:
-        if address not in seq_of:
-            raise ValueError(f"{address!r} is not a recipient of message {id}")
-        state = message.recipients[seq_of[address]]
-        if state.is_final:
-            raise ValueError(f"recipient {address!r} of message {id} is already {state.status}")
+    _, seq_of = attempt_target(read_messages(conn, "id = ?", (id,)), id, owner, results)
     for address, result in results.items():
         # The verdict of this attempt replaces the last one even when it is None: a listing
         # must not pair a new reply with the TLS of an older connection.
