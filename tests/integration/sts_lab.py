@@ -11,7 +11,11 @@ of them. MX hosts live on their own loopback addresses with the lab's shared SMT
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
+from pathlib import Path
+
+import trustme
 
 POLICY_SERVER = "127.0.54.1"
 PKIX = "127.0.54.10"
@@ -95,3 +99,24 @@ mta-sts.nomatch-only   A    {POLICY_SERVER}
 
 def policy_names() -> list[str]:
     return [f"mta-sts.{domain}" for domain in POLICIES]
+
+
+class StsPki:
+    """The lab's private Web PKI: a CA (its PEM at `ca_file`, for a sender's mta_sts.ca_file),
+    server contexts for the HTTPS servers, and the certificate of mx-good.sts.test for PKIX."""
+
+    def __init__(self, root: Path, organization: str) -> None:
+        self.ca = trustme.CA(organization_name=organization)
+        self.ca_file = root / "sts-ca.pem"
+        self.ca.cert_pem.write_to_path(str(self.ca_file))
+        mx = self.ca.issue_cert("mx-good.sts.test")
+        self.mx_cert, self.mx_key = root / "mx.pem", root / "mx.key"
+        for pem in mx.cert_chain_pems:
+            pem.write_to_path(str(self.mx_cert), append=True)
+        mx.private_key_pem.write_to_path(str(self.mx_key))
+
+    def server_context(self, *names: str) -> ssl.SSLContext:
+        """A server-side context with a certificate for `names` (default: every policy host)."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.ca.issue_cert(*(names or policy_names())).configure_cert(context)
+        return context

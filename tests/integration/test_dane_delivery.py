@@ -14,13 +14,13 @@ import os
 import re
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from background import BackgroundServer
 from dane_lab import CLEAR, EE_EXPIRED, EE_SELF, SNI, STRIP, TA
 from dnssec import DnsLab
 from mailward_server import MailwardServer
@@ -103,7 +103,7 @@ ADDRESS = {"ee-expired": EE_EXPIRED, "ee-self": EE_SELF, "ta201": TA, "ta211": T
 # --- a STARTTLS-stripping proxy ----------------------------------------------------------------------
 
 @dataclass
-class StripProxy:
+class StripProxy(BackgroundServer):
     """Relays SMTP to `upstream`, deleting STARTTLS from every reply, and keeps both directions."""
 
     listen: tuple[str, int]
@@ -111,31 +111,9 @@ class StripProxy:
     to_server: bytearray = field(default_factory=bytearray)
     to_client: bytearray = field(default_factory=bytearray)
     stripped: int = 0
-    _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
-    _server: asyncio.Server | None = None
-    _thread: threading.Thread | None = None
 
-    def start(self) -> StripProxy:
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-
-        async def serve() -> None:
-            self._server = await asyncio.start_server(self._session, *self.listen)
-
-        asyncio.run_coroutine_threadsafe(serve(), self._loop).result(5)
-        return self
-
-    def stop(self) -> None:
-        async def close() -> None:
-            assert self._server is not None
-            self._server.close()
-            await self._server.wait_closed()
-
-        asyncio.run_coroutine_threadsafe(close(), self._loop).result(5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        assert self._thread is not None
-        self._thread.join(5)
-        self._loop.close()
+    async def _listen(self) -> asyncio.Server:
+        return await asyncio.start_server(self._session, *self.listen)
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self.upstream)
@@ -233,8 +211,7 @@ def world(dns_lab: DnsLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         for server in servers:
             server.stop()
         sink.stop()
-        if proxy._server is not None:
-            proxy.stop()
+        proxy.stop()
     for server in servers:
         assert "Traceback" not in server.log(), server.log()
 

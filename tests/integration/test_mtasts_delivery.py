@@ -13,17 +13,16 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import trustme
+from background import BackgroundServer
 from dane_lab import EE_SELF
 from dnssec import DnsLab
 from mailward_server import MailwardServer
-from sts_lab import CACHED, CACHED_ID, MAX_AGE, PKIX, POLICIES, POLICY_SERVER, STRIP, policy_names
+from sts_lab import CACHED, CACHED_ID, MAX_AGE, PKIX, POLICIES, POLICY_SERVER, STRIP, StsPki
 from test_dane_delivery import StripProxy
 from test_delivery import deliveries, delivery_toml, message, submit_mx, wait_until
 
@@ -76,36 +75,14 @@ CASES = [
 # --- the HTTPS policy server -------------------------------------------------------------------------
 
 @dataclass
-class PolicyServer:
+class PolicyServer(BackgroundServer):
     """HTTP/1.1 over TLS on POLICY_SERVER:443, one canned answer per Host header."""
 
     context: ssl.SSLContext
     requests: list[str] = field(default_factory=list)  # Host headers, in order
-    _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
-    _server: asyncio.Server | None = None
-    _thread: threading.Thread | None = None
 
-    def start(self) -> PolicyServer:
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-
-        async def serve() -> None:
-            self._server = await asyncio.start_server(self._session, POLICY_SERVER, 443, ssl=self.context)
-
-        asyncio.run_coroutine_threadsafe(serve(), self._loop).result(5)
-        return self
-
-    def stop(self) -> None:
-        async def close() -> None:
-            if self._server is not None:
-                self._server.close()
-                await self._server.wait_closed()
-
-        asyncio.run_coroutine_threadsafe(close(), self._loop).result(5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        assert self._thread is not None
-        self._thread.join(5)
-        self._loop.close()
+    async def _listen(self) -> asyncio.Server:
+        return await asyncio.start_server(self._session, POLICY_SERVER, 443, ssl=self.context)
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -166,19 +143,10 @@ def world(dns_lab: DnsLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     lab, port, certs = dns_lab, dns_lab.smtp_port, dns_lab.dane
     assert certs is not None
     root = tmp_path_factory.mktemp("mtasts")
-    ca = trustme.CA(organization_name="mailward MTA-STS lab")
-    ca_file = root / "sts-ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    web = ca.issue_cert(*policy_names())
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    web.configure_cert(context)
-    mx = ca.issue_cert("mx-good.sts.test")
-    mx_cert, mx_key = root / "mx.pem", root / "mx.key"
-    for pem in mx.cert_chain_pems:
-        pem.write_to_path(str(mx_cert), append=True)
-    mx.private_key_pem.write_to_path(str(mx_key))
+    pki = StsPki(root, "mailward MTA-STS lab")
+    ca_file, mx_cert, mx_key = pki.ca_file, pki.mx_cert, pki.mx_key
     servers: list[MailwardServer] = []
-    policies = PolicyServer(context)
+    policies = PolicyServer(pki.server_context())
     proxy = StripProxy((STRIP, port), (PKIX, port))
     try:
         try:
@@ -214,10 +182,8 @@ def world(dns_lab: DnsLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     finally:
         for server in servers:
             server.stop()
-        if proxy._server is not None:
-            proxy.stop()
-        if policies._server is not None:
-            policies.stop()
+        proxy.stop()
+        policies.stop()
     for server in servers:
         assert "Traceback" not in server.log(), server.log()
 

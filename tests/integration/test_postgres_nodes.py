@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from background import BackgroundServer
 from hostile import RecordProperty
 from mailward_server import PASSWORD, USER, MailwardServer, free_port
 from smtp_peer import verifying_context
@@ -40,7 +41,7 @@ class Delivery:
 
 
 @dataclass
-class RecordingSink:
+class RecordingSink(BackgroundServer):
     """Accepts everything, slowly enough (`delay` per message) that deliveries overlap."""
 
     delay: float = 0.02
@@ -48,41 +49,14 @@ class RecordingSink:
     deliveries: list[Delivery] = field(default_factory=list)
     open_transactions: int = 0
     most_at_once: int = 0
-    _loop: asyncio.AbstractEventLoop | None = None
-    _server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
-    _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def start(self) -> RecordingSink:
-        ready = threading.Event()
+    async def _listen(self) -> asyncio.Server:
+        return await asyncio.start_server(self._session, "127.0.0.1", self.port)
 
-        def main() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            self._server = loop.run_until_complete(
-                asyncio.start_server(self._session, "127.0.0.1", self.port))
-            ready.set()
-            try:
-                loop.run_forever()
-            finally:
-                loop.close()
-
-        self._thread = threading.Thread(target=main, daemon=True)
-        self._thread.start()
-        assert ready.wait(10)
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None and self._thread is not None:
-            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-
-    async def _shutdown(self) -> None:
+    async def _closing(self) -> None:
         # Nodes may still hold connections open (parked for reuse): close them from this side.
-        assert self._server is not None
-        self._server.close()
         for writer in list(self._writers):
             writer.close()
         await asyncio.sleep(0.1)

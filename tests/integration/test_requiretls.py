@@ -25,11 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import trustme
 from dane_lab import EE_SELF, TA
 from dnssec import DnsLab
 from mailward_server import USER, MailwardServer
-from sts_lab import PKIX, policy_names
+from sts_lab import PKIX, StsPki
 from test_delivery import deliveries, delivery_toml, route, wait_until
 from test_mtasts_delivery import PolicyServer
 
@@ -83,17 +82,8 @@ def world(dns_lab: DnsLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     lab, port, certs = dns_lab, dns_lab.smtp_port, dns_lab.dane
     assert certs is not None
     root = tmp_path_factory.mktemp("requiretls")
-    ca = trustme.CA(organization_name="mailward REQUIRETLS lab")
-    ca_file = root / "sts-ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    web = ca.issue_cert(*policy_names())
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    web.configure_cert(context)
-    mx = ca.issue_cert("mx-good.sts.test")
-    mx_cert, mx_key = root / "mx.pem", root / "mx.key"
-    for pem in mx.cert_chain_pems:
-        pem.write_to_path(str(mx_cert), append=True)
-    mx.private_key_pem.write_to_path(str(mx_key))
+    pki = StsPki(root, "mailward REQUIRETLS lab")
+    ca_file, mx_cert, mx_key = pki.ca_file, pki.mx_cert, pki.mx_key
 
     servers: list[MailwardServer] = []
     policies: PolicyServer | None = None
@@ -107,7 +97,7 @@ def world(dns_lab: DnsLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         except PostfixError as exc:
             pytest.skip(f"no Postfix peer: {exc}")
         sts_ok = True
-        policies = PolicyServer(context)
+        policies = PolicyServer(pki.server_context())
         try:
             policies.start()
         except PermissionError:

@@ -19,7 +19,6 @@ import email.policy
 import gzip
 import json
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,11 +27,11 @@ from typing import Any
 
 import jsonschema
 import pytest
-import trustme
+from background import BackgroundServer
 from dane_lab import CLEAR, EE_SELF
 from dnssec import DnsLab
 from mailward_server import MailwardServer
-from sts_lab import PKIX, policy_names
+from sts_lab import PKIX, StsPki
 from test_delivery import Sink, deliveries, delivery_toml, message, submit_mx, wait_until
 from test_mtasts_delivery import PolicyServer
 from tlsrpt_lab import (
@@ -96,38 +95,16 @@ class Upload:
 
 
 @dataclass
-class ReportSink:
+class ReportSink(BackgroundServer):
     """HTTP/1.1 over TLS on SINK: takes POSTs; the first POST to FLAKY_PATH gets a 503."""
 
     context: ssl.SSLContext
     port: int
     uploads: list[Upload] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
-    _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
-    _server: asyncio.Server | None = None
-    _thread: threading.Thread | None = None
 
-    def start(self) -> ReportSink:
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-
-        async def serve() -> None:
-            self._server = await asyncio.start_server(self._session, SINK, self.port, ssl=self.context)
-
-        asyncio.run_coroutine_threadsafe(serve(), self._loop).result(5)
-        return self
-
-    def stop(self) -> None:
-        async def close() -> None:
-            if self._server is not None:
-                self._server.close()
-                await self._server.wait_closed()
-
-        asyncio.run_coroutine_threadsafe(close(), self._loop).result(5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        assert self._thread is not None
-        self._thread.join(5)
-        self._loop.close()
+    async def _listen(self) -> asyncio.Server:
+        return await asyncio.start_server(self._session, SINK, self.port, ssl=self.context)
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -240,22 +217,10 @@ def world(dns_lab: DnsLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     lab, port, certs = dns_lab, dns_lab.smtp_port, dns_lab.dane
     assert certs is not None
     root = tmp_path_factory.mktemp("tlsrpt")
-    ca = trustme.CA(organization_name="mailward TLS-RPT lab")
-    ca_file = root / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-
-    def server_context(*names: str) -> ssl.SSLContext:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ca.issue_cert(*names).configure_cert(context)
-        return context
-
-    mx = ca.issue_cert("mx-good.sts.test")
-    mx_cert, mx_key = root / "mx.pem", root / "mx.key"
-    for pem in mx.cert_chain_pems:
-        pem.write_to_path(str(mx_cert), append=True)
-    mx.private_key_pem.write_to_path(str(mx_key))
-    policies = PolicyServer(server_context(*policy_names()))
-    sink = ReportSink(server_context(SINK_NAME), port)
+    pki = StsPki(root, "mailward TLS-RPT lab")
+    ca_file, mx_cert, mx_key = pki.ca_file, pki.mx_cert, pki.mx_key
+    policies = PolicyServer(pki.server_context())
+    sink = ReportSink(pki.server_context(SINK_NAME), port)
     clear = Sink(root / "clear", host=CLEAR, port=port)
     servers: list[MailwardServer] = []
     relay = "relay_domains = [" + ", ".join(f'"{d}"' for d in OUTCOMES) + "]\n"
@@ -330,10 +295,8 @@ def world(dns_lab: DnsLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         for server in servers:
             server.stop()
         clear.stop()
-        if sink._server is not None:
-            sink.stop()
-        if policies._server is not None:
-            policies.stop()
+        sink.stop()
+        policies.stop()
     for server in servers:
         assert "Traceback" not in server.log(), server.log()
 
