@@ -46,8 +46,8 @@ __all__ = [
     "TlsTrust",
     "TlsVerdict",
     "Transaction",
-    "new_queue_id",
     "attempt_target",
+    "new_queue_id",
 ]
 
 BodyType = Literal["7BIT", "8BITMIME", "BINARYMIME"]
