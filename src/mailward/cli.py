@@ -227,7 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("domain", nargs="?", metavar="DOMAIN", help="recipient domain (or an address)")
     check.add_argument("--json", action="store_true", help="one JSON object (schema: docs/check.md)")
     check.add_argument("--host", help="with --port 465 or 587: a submission server to check instead")
-    check.add_argument("--port", type=int, help="465 or 587 with --host; with --self the TLSA port (25)")
+    check.add_argument("--port", type=int, help="465 or 587 with --host (another port with --tls); with "
+                       "--self the TLSA port (25)")
+    check.add_argument("--tls", choices=("implicit", "starttls"),
+                       help="with --host: how the port speaks TLS (default: implicit on 465, STARTTLS on "
+                            "587)")
     check.add_argument("--ca-file", metavar="FILE", help="with --host: PEM CA certificates to trust")
     check.add_argument("--self", dest="self_check", action="store_true",
                        help="compare this server's certificates with the TLSA records of its names")

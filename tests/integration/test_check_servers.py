@@ -63,6 +63,16 @@ def test_submission_ports(make_server: MakeServer, tmp_path: Path) -> None:
     assert any("does not chain to a trusted CA" in f["text"] for f in report["findings"])
 
 
+def test_other_ports_with_tls_named(server: MailwardServer) -> None:
+    # `make run` listens on 2465 and 2587: --tls says how such a port speaks TLS.
+    for port, tls in ((server.submissions, "implicit"), (server.submission, "starttls")):
+        status, report = check(server, "--host", "127.0.0.1", "--port", str(port), "--tls", tls,
+                               "--ca-file", str(server.ca))
+        assert (status, report["verdict"]) == (0, "secure"), report
+        (conn,) = report["mx"][0]["connections"]
+        assert conn["starttls"] is (True if tls == "starttls" else None), conn  # None: implicit TLS
+
+
 def test_exit_statuses_when_nothing_answers_or_the_input_is_wrong(make_server: MakeServer) -> None:
     server = make_server(start=False)
     # Nothing listens on 587 of this address: a client could not submit now.

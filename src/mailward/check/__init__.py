@@ -86,11 +86,13 @@ async def _run(args: argparse.Namespace, config: Config) -> dict[str, Any]:
             raise CheckError("--self checks this server's own names; give neither DOMAIN nor --host.")
         return await check_self(config, resolver, port=args.port or 25)
     if args.host is not None or args.port is not None:
-        if args.host is None or args.port not in (465, 587) or args.domain:
+        tls = getattr(args, "tls", None) or {465: "implicit", 587: "starttls"}.get(args.port)
+        if args.host is None or args.port is None or tls is None or args.domain:
             raise CheckError("a submission check needs --host H and --port 465 (implicit TLS) or 587 "
-                             "(STARTTLS), and no DOMAIN.")
+                             "(STARTTLS), or another port with --tls implicit|starttls, and no DOMAIN.")
         ca_file = Path(args.ca_file) if args.ca_file else None
-        return await check_submission(args.host, args.port, config, resolver, ca_file=ca_file)
+        return await check_submission(args.host, args.port, config, resolver, ca_file=ca_file,
+                                      implicit=tls == "implicit")
     if not args.domain:
         raise CheckError("give a DOMAIN to check (or --host H --port 465|587, or --self).")
     try:

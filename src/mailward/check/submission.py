@@ -75,7 +75,7 @@ async def legacy_tls(host: str, address: str, port: int, *, implicit: bool, helo
 
 
 async def check_submission(host: str, port: int, config: Config, resolver: DnsResolver, *,
-                           ca_file: Path | None = None) -> dict[str, Any]:
+                           ca_file: Path | None = None, implicit: bool | None = None) -> dict[str, Any]:
     """Implicit TLS (465) or STARTTLS (587) to `host`, as a mail client should insist on it
     (RFC 8314): a certificate valid for the name, TLS 1.2 or newer, AUTH only after TLS."""
     try:
@@ -95,7 +95,8 @@ async def check_submission(host: str, port: int, config: Config, resolver: DnsRe
         if not found.addresses:
             raise CheckError(f"host {host} has no address records; check the name.")
         addresses, status = found.addresses, found.status
-    implicit = port == 465
+    if implicit is None:
+        implicit = port == 465
     requirement = TlsRequirement(SecurityLevel.VERIFY, starttls=True, required=True, verify="pkix",
                                  verify_name=host.strip("[]"), ca_file=ca_file, implicit=implicit,
                                  reason="a submission client must verify the server (RFC 8314 §5)")
