@@ -130,9 +130,12 @@ def _run(make_server: MakeServer, sink: Sink, record_property: RecordProperty) -
     assert not lost, f"{len(lost)} acknowledged messages lost, e.g. {lost[:5]} (seed {seed})"
     assert not recorded_twice, f"delivered again after the result was recorded: {recorded_twice[:5]}"
     # A kill can only cut off the records of deliveries in flight: a few per connection to the
-    # sink (delivery.per_destination, 20). Results held back until a whole lease batch was sent
-    # once made it hundreds per kill.
-    assert len(duplicated) <= kills * 2 * PER_DESTINATION, f"{len(duplicated)} duplicates after {kills} kills"
+    # sink (delivery.per_destination, 20), since a finished delivery's record waits for the
+    # queue's next group commit, which 50 submitting clients keep busy, while the connection
+    # already carries the next message. Runs have shown up to about 3 per connection per kill;
+    # results held back until a whole lease batch was sent once made it over 6 (about 2,500).
+    bound = kills * 4 * PER_DESTINATION
+    assert len(duplicated) <= bound, f"{len(duplicated)} duplicates after {kills} kills (at most {bound})"
     assert not not_sent, f"deliveries that did not succeed: {not_sent[:5]}"
     # Every complete dump is a message some client began to send; anything else would be invented.
     assert set(delivered) <= stats.begun
