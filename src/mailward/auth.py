@@ -650,11 +650,21 @@ class _Failures:
     locked_until: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class AuthTicket:
+    """One password check in flight, as `AuthThrottle.admit` counted it."""
+
+    ip: str
+    user: str | None
+    keys: tuple[tuple[bool, str], ...]  # (per address?, key) as counted
+
+
 class AuthThrottle:
     """Failed-AUTH limits per client address and per user name. Pure: the caller passes `now`.
 
-    The server asks `check` before an exchange (a lockout is answered 454 4.7.0), records the
-    outcome with `failure`/`success`, and waits `delay_for` before answering a failure. IPv6
+    The server asks `check` before an exchange (a lockout is answered 454 4.7.0), takes a slot
+    with `admit` before the slow password check and gives it back with `settle`, and waits
+    `delay_for` before answering a failure. IPv6
     clients count per /64, the block one subscriber usually holds. Each table keeps at most
     `max_entries` keys, dropping the least recently failed first.
 
@@ -690,6 +700,8 @@ class AuthThrottle:
         self._by_user: OrderedDict[str, _Failures] = OrderedDict()
         # (user key, address key) -> time of the last successful login from there
         self._known: OrderedDict[tuple[str, str], float] = OrderedDict()
+        # Password checks in flight per key: each may still turn out a failure.
+        self._pending: dict[tuple[str, str], int] = {}
 
     def __len__(self) -> int:
         return len(self._by_ip) + len(self._by_user)
@@ -715,7 +727,10 @@ class AuthThrottle:
         return float(min(self.max_delay, self.first_delay * 2 ** min(count - 1, 32)))
 
     def failure(self, ip: str, user: str | None, now: float) -> None:
-        for table, key in self._keys(ip, user):
+        self._record(self._keys(ip, user), now)
+
+    def _record(self, keys: Iterable[tuple[OrderedDict[str, _Failures], str]], now: float) -> None:
+        for table, key in keys:
             limit = self.ip_limit if table is self._by_ip else self.user_limit
             entry = table.get(key)
             if entry is None:
@@ -729,18 +744,42 @@ class AuthThrottle:
                 entry.locked_until = now + self.lockout
             self._evict(table, now)
 
-    def withdraw(self, ip: str, user: str | None, at: float) -> None:
-        """Take back the failure recorded at `at`: the server counts each attempt as a failure
-        before the slow password check, so parallel guesses cannot all pass `check` first, and
-        withdraws it when the check succeeds (or could not be made)."""
-        for table, key in self._keys(ip, user):
-            entry = table.get(key)
-            if entry is None or at not in entry.times:
-                continue
-            entry.times.remove(at)
-            limit = self.ip_limit if table is self._by_ip else self.user_limit
-            if entry.locked_until == at + self.lockout and len(entry.times) < limit:
-                entry.locked_until = 0.0
+    def admit(self, ip: str, user: str | None, now: float) -> AuthTicket | None:
+        """A slot for one password check, or None while the checks in flight could, all failing,
+        reach a limit: then the caller waits for one of them to settle and asks again.
+
+        Counting checks in flight keeps parallel guesses within the limit, since they cannot all
+        pass `check` first. They are not failures: a burst of correct logins from one address
+        (an application opening fifty connections at once) is never locked out by its own
+        successes, it only waits while the checks run.
+        """
+        keys = tuple((table is self._by_ip, key) for table, key in self._keys(ip, user, now))
+        for is_ip, key in keys:
+            entry = (self._by_ip if is_ip else self._by_user).get(key)
+            recent = 0 if entry is None else sum(1 for t in entry.times if t > now - self.window)
+            limit = self.ip_limit if is_ip else self.user_limit
+            if recent + self._pending.get(self._pending_key(is_ip, key), 0) >= limit:
+                return None
+        for is_ip, key in keys:
+            pending_key = self._pending_key(is_ip, key)
+            self._pending[pending_key] = self._pending.get(pending_key, 0) + 1
+        return AuthTicket(ip, user, keys)
+
+    def settle(self, ticket: AuthTicket, *, failed: bool, now: float) -> None:
+        """Give back the slot `admit` handed out; a failed check is counted as a failure."""
+        for is_ip, key in ticket.keys:
+            pending_key = self._pending_key(is_ip, key)
+            left = self._pending.get(pending_key, 0) - 1
+            if left > 0:
+                self._pending[pending_key] = left
+            else:
+                self._pending.pop(pending_key, None)
+        if failed:
+            self._record(((self._by_ip if is_ip else self._by_user, key) for is_ip, key in ticket.keys), now)
+
+    @staticmethod
+    def _pending_key(is_ip: bool, key: str) -> tuple[str, str]:
+        return ("ip" if is_ip else "user", key)
 
     def success(self, ip: str, user: str | None, now: float | None = None) -> None:
         """Remember that `user` logged in from `ip`. The user's failures stay counted: were they

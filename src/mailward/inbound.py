@@ -28,6 +28,7 @@ from typing import Any, cast
 from mailward import __version__
 from mailward.auth import (
     AuthThrottle,
+    AuthTicket,
     Challenge,
     Credentials,
     SaslExchange,
@@ -67,6 +68,9 @@ from mailward.tls import ServerTls, tls_facts
 log = logging.getLogger("mailward.inbound")
 
 AUTH_KINDS = ("submission", "submissions")
+# How long AUTH waits for a password-check slot while others from the same address or for the same
+# user are in flight, before it answers 454.
+AUTH_ADMISSION_WAIT = 10.0
 # Octets of message content that count as one record for the read deadline when no line ends in
 # them (BDAT chunks, content read only to be dropped): at the default data_timeout of 600 s a client
 # must keep above about 110 octets/s (Postfix asks 500).
@@ -118,6 +122,8 @@ class InboundServices:
     clock: Callable[[], float] = time.time
     # Why a local recipient would certainly fail (unknown user), or None; raises UserStoreError.
     local_refusal: Callable[[str], str | None] | None = None
+    # Set (and replaced) whenever a password check settles: AUTH waiting for a slot looks again.
+    auth_settled: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def server_options(config: Config, lc: ListenerConfig, has_tls: bool) -> ServerOptions:
@@ -765,32 +771,50 @@ class Session:
 
     async def _auth_verify(self, cred: Credentials) -> None:
         services, engine = self.services, self.engine
-        now = services.clock()
-        if services.throttle.check(self.client_ip, cred.authcid, now) is not None:
+        ticket = await self._auth_admission(cred.authcid)
+        if ticket is None:
             log.warning("%s AUTH refused for %s: locked out", self.log_prefix, cred.authcid)
             engine.respond(codes.AUTH_TEMPFAIL)
             return
-        # Counted before the check, which takes a while: otherwise parallel connections could all
-        # pass check() above and get more guesses than the limit allows.
-        services.throttle.failure(self.client_ip, cred.authcid, now)
         record = None
-        if services.users is not None:
-            # argon2 costs tens of milliseconds of CPU: keep it off the event loop.
-            try:
-                record = await asyncio.get_running_loop().run_in_executor(
-                    None, services.users.verify, cred.authcid, cred.password)
-            except UserStoreError as exc:
-                services.throttle.withdraw(self.client_ip, cred.authcid, now)
-                log.error("%s AUTH impossible: %s", self.log_prefix, exc)
-                engine.respond(codes.AUTH_TEMPFAIL)
-                return
+        failed = False
+        try:
+            if services.users is not None:
+                # argon2 costs tens of milliseconds of CPU: keep it off the event loop.
+                try:
+                    record = await asyncio.get_running_loop().run_in_executor(
+                        None, services.users.verify, cred.authcid, cred.password)
+                except UserStoreError as exc:
+                    log.error("%s AUTH impossible: %s", self.log_prefix, exc)
+                    engine.respond(codes.AUTH_TEMPFAIL)
+                    return
+            failed = record is None
+        finally:
+            services.throttle.settle(ticket, failed=failed, now=services.clock())
+            services.auth_settled.set()
+            services.auth_settled = asyncio.Event()
         if record is None:
             await self._auth_failed(cred.authcid, "bad credentials", counted=True)
             return
-        services.throttle.withdraw(self.client_ip, cred.authcid, now)
-        services.throttle.success(self.client_ip, record.name, now)
+        services.throttle.success(self.client_ip, record.name, services.clock())
         log.info("%s AUTH %s ok", self.log_prefix, record.name)
         engine.auth_succeeded(record.name)
+
+    async def _auth_admission(self, user: str) -> AuthTicket | None:
+        """A slot for the password check, waiting (bounded) while the checks already in flight
+        from this address or for this user could use up its limit; None when locked out."""
+        services = self.services
+        deadline = time.monotonic() + AUTH_ADMISSION_WAIT
+        while services.throttle.check(self.client_ip, user, services.clock()) is None:
+            ticket = services.throttle.admit(self.client_ip, user, services.clock())
+            if ticket is not None:
+                return ticket
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(services.auth_settled.wait(), left)
+        return None
 
     async def _auth_failed(self, user: str | None, reason: str, *, counted: bool = False) -> None:
         throttle = self.services.throttle

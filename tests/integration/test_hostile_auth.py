@@ -10,6 +10,7 @@ one that does not exist.
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -153,3 +154,28 @@ def test_replies_do_not_reveal_whether_a_user_exists(make_server: MakeServer,
     tally.check(0.5 < ratio < 2.0, f"failure time real {fast_real:.3f}s vs unknown {fast_ghost:.3f}s")
     assert server.stop() == 0
     tally.record(record_property)
+
+
+def test_a_burst_of_correct_logins_from_one_address_is_never_locked_out(make_server: MakeServer) -> None:
+    """An application opening as many connections as one address may (10) and logging in on each
+    at once, twice the per-user limit: every password check in flight might still fail, so the
+    throttle makes some wait, but none is refused and nothing is locked out afterwards."""
+    server = start(make_server)
+    user, password = "erin@example.test", PASSWORDS["erin@example.test"]
+    peers = [connect(server, "127.0.10.1") for _ in range(2 * USER_LIMIT)]
+    barrier = threading.Barrier(len(peers))
+
+    def auth(peer: Peer) -> Reply:
+        barrier.wait()
+        return peer.cmd(f"AUTH PLAIN {plain_auth(user, password)}")
+
+    try:
+        with ThreadPoolExecutor(len(peers)) as pool:
+            replies = list(pool.map(auth, peers))
+    finally:
+        for peer in peers:
+            peer.close()
+    assert [r.code for r in replies] == [235] * len(peers), replies
+    assert login(server, "127.0.10.1", user, password).code == 235
+    assert server.stop() == 0
+    assert "locked out" not in server.log()

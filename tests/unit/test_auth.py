@@ -601,12 +601,13 @@ def test_success_keeps_the_counts_a_guesser_built_up():
     assert throttle.delay_for("192.0.2.0", None, 5.0) == 0.5
 
 
-def test_withdraw_takes_back_a_failure_counted_ahead():
+def test_a_succeeding_check_in_flight_is_no_failure():
     throttle = AuthThrottle(user_limit=2, ip_limit=10, lockout=60.0)
     throttle.failure("192.0.2.1", "alice", 1.0)
-    throttle.failure("192.0.2.1", "alice", 2.0)  # counted before the check, which then succeeded
-    assert throttle.check("192.0.2.5", "alice", 2.0) is not None
-    throttle.withdraw("192.0.2.1", "alice", 2.0)
+    ticket = throttle.admit("192.0.2.1", "alice", 2.0)
+    assert ticket is not None
+    assert throttle.check("192.0.2.5", "alice", 2.0) is None  # in flight, not failed
+    throttle.settle(ticket, failed=False, now=2.0)
     assert throttle.check("192.0.2.5", "alice", 2.0) is None
     assert throttle.delay_for("192.0.2.1", None, 2.0) == 0.5
 
@@ -678,3 +679,55 @@ def test_throttle_is_fast_enough_for_a_flood():
         throttle.failure(f"10.{number >> 16 & 255}.{number >> 8 & 255}.{number & 255}", "root", number / 100)
     assert time.perf_counter() - started < 2.0
     assert len(throttle) <= 1001
+
+
+def test_checks_in_flight_hold_guesses_within_the_limit():
+    """Parallel guesses cannot all pass `check` first: checks in flight count against the limit."""
+    throttle = AuthThrottle(user_limit=3, ip_limit=10)
+    tickets = [throttle.admit(f"192.0.2.{n}", "alice", 1.0) for n in range(3)]
+    assert all(t is not None for t in tickets)
+    assert throttle.admit("192.0.2.9", "alice", 1.0) is None  # waits: three could still fail
+    assert throttle.check("192.0.2.9", "alice", 1.0) is None  # ... but is not locked out
+    for ticket in tickets:
+        assert ticket is not None
+        throttle.settle(ticket, failed=True, now=2.0)
+    assert throttle.check("192.0.2.9", "alice", 2.0) is not None
+    assert throttle.admit("192.0.2.9", "alice", 2.0) is None
+
+
+def test_a_burst_of_correct_logins_never_locks_its_address():
+    """Fifty connections of one application logging in at once wait for slots; none is refused."""
+    throttle = AuthThrottle(ip_limit=10, user_limit=5)
+    waiting = 50
+    admitted_total = 0
+    now = 0.0
+    while waiting:
+        batch = []
+        while waiting and (ticket := throttle.admit("127.0.0.1", "app@example.org", now)) is not None:
+            batch.append(ticket)
+            waiting -= 1
+        assert batch, "no slot although every earlier check succeeded"
+        for ticket in batch:
+            throttle.settle(ticket, failed=False, now=now)
+            throttle.success("127.0.0.1", "app@example.org", now)
+        admitted_total += len(batch)
+        now += 0.01
+    assert admitted_total == 50
+    assert throttle.check("127.0.0.1", "app@example.org", now) is None
+    assert throttle.delay_for("127.0.0.1", "app@example.org", now) == 0.0
+
+
+def test_settled_slots_are_given_back():
+    throttle = AuthThrottle(ip_limit=2, user_limit=2)
+    first = throttle.admit("198.51.100.7", "bob", 0.0)
+    second = throttle.admit("198.51.100.7", "bob", 0.0)
+    assert first is not None and second is not None
+    assert throttle.admit("198.51.100.7", "bob", 0.0) is None
+    throttle.settle(first, failed=False, now=0.5)
+    third = throttle.admit("198.51.100.7", "bob", 0.5)
+    assert third is not None
+    throttle.settle(second, failed=True, now=0.6)
+    throttle.settle(third, failed=False, now=0.6)
+    # One failure counted: one more check may run, a second waits for it.
+    assert throttle.admit("198.51.100.7", "bob", 0.7) is not None
+    assert throttle.admit("198.51.100.7", "bob", 0.7) is None
