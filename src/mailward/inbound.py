@@ -780,10 +780,13 @@ class Session:
         failed = False
         try:
             if services.users is not None:
-                # argon2 costs tens of milliseconds of CPU: keep it off the event loop.
+                # argon2 costs tens of milliseconds of CPU: keep it off the event loop, unless
+                # this password was verified moments ago (a client connecting once per message).
                 try:
-                    record = await asyncio.get_running_loop().run_in_executor(
-                        None, services.users.verify, cred.authcid, cred.password)
+                    record = services.users.verify_cached(cred.authcid, cred.password)
+                    if record is None:
+                        record = await asyncio.get_running_loop().run_in_executor(
+                            None, services.users.verify, cred.authcid, cred.password)
                 except UserStoreError as exc:
                     log.error("%s AUTH impossible: %s", self.log_prefix, exc)
                     engine.respond(codes.AUTH_TEMPFAIL)

@@ -411,6 +411,23 @@ def test_verified_password_is_remembered_not_rehashed(users_path):
     assert len(hasher.verified) == 3
 
 
+def test_verify_cached_answers_only_a_recently_verified_password(users_path):
+    hasher = CountingHasher()
+    store = UserStore(users_path, hasher=hasher)
+    store.add("alice", "pw")
+    hasher.verified.clear()
+    assert store.verify_cached("alice", "pw") is None  # never verified yet
+    assert store.verify("alice", "pw") is not None
+    record = store.verify_cached("ALICE", "pw")
+    assert record is not None and record.name == "alice"
+    assert store.verify_cached("alice", "wrong") is None
+    assert store.verify_cached("nobody", "pw") is None
+    assert len(hasher.verified) == 1  # the fast path never runs argon2
+    store.set_password("alice", "new")
+    assert store.verify_cached("alice", "pw") is None
+    assert UserStore(users_path, verified_ttl=0).verify_cached("alice", "new") is None
+
+
 def test_cache_off_checks_every_login_in_full(users_path):
     hasher = CountingHasher()
     store = UserStore(users_path, hasher=hasher, verified_ttl=0)
