@@ -713,26 +713,35 @@ class Deliverer:
             if self.tlsrpt is not None:
                 self.tlsrpt.sts_failure(destination.domain,
                                         count=not all(j.work.message.envelope.tlsrpt for j in jobs))
+        def decide(requiretls: bool, tls_optional: bool) -> Plan:
+            if isinstance(facts_or_refusal, Refusal):
+                return Plan(destination, refusal=facts_or_refusal)
+            return plan(destination, facts_or_refusal, requiretls=requiretls, tls_optional=tls_optional,
+                        tlsa=tlsa, sts=sts)
+
         # REQUIRETLS messages get their own plan and their own connections: a connection chosen
         # for opportunistic TLS must never carry them (maddy calls this pool poisoning). So do
         # messages marked "TLS-Required: No", whose plan leaves the destination's policy aside.
-        for job in jobs:
-            if not job.work.message.envelope.requiretls:
-                await self._load(job.work)
+        # Their header is read only when that plan differs: a destination without DANE or
+        # MTA-STS, or one that is down, costs no read of the content.
+        plans = {(False, False): decide(False, False)}
+        if any(not j.work.message.envelope.requiretls for j in jobs) \
+                and (optional_plan := decide(False, True)) != plans[False, False]:
+            plans[False, True] = optional_plan
+            for job in jobs:
+                if not job.work.message.envelope.requiretls:
+                    await self._load(job.work)
+        header_matters = (False, True) in plans
         for requiretls, tls_optional in ((False, False), (False, True), (True, False)):
             subset = [j for j in jobs if j.work.message.envelope.requiretls is requiretls
-                      and (j.work.tls_optional and not requiretls) is tls_optional]
+                      and (j.work.tls_optional and header_matters and not requiretls) is tls_optional]
             if not subset:
                 continue
             if tls_optional:
                 log.info("%s: TLS-Required: No in %s: the destination's DANE and MTA-STS policies are not "
                          "enforced for it (RFC 8689 §5)", destination.key,
                          ", ".join(j.work.message.id for j in subset))
-            if isinstance(facts_or_refusal, Refusal):
-                decision = Plan(destination, refusal=facts_or_refusal)
-            else:
-                decision = plan(destination, facts_or_refusal, requiretls=requiretls,
-                                tls_optional=tls_optional, tlsa=tlsa, sts=sts)
+            decision = plans.get((requiretls, tls_optional)) or decide(requiretls, tls_optional)
             for why in decision.skipped:
                 log.info("%s: not using %s", destination.key, why)
             if not requiretls and not tls_optional and destination.kind == "mx" \

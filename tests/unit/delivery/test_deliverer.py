@@ -383,3 +383,32 @@ def test_null_sender_failures_make_no_bounce_and_local_needs_an_agent(tmp_path: 
         assert await queue.count() == 1
 
     asyncio.run(with_deliverer(tmp_path, clock, body))
+
+
+def test_a_destination_that_cannot_take_mail_costs_no_read_of_the_content(tmp_path: Path) -> None:
+    """Deferring to a destination without DNS answers, or whose only host refuses connections,
+    needs nothing from the message: its content is read only when a connection carries it or
+    its header could change the plan (TLS-Required: No against DANE or MTA-STS)."""
+    clock = Clock()
+    reads: list[str] = []
+
+    async def body(queue: SqliteQueue, _: Deliverer) -> None:
+        open_body = queue.open_body
+
+        async def counting_open_body(message_id: str) -> Any:
+            reads.append(message_id)
+            return await open_body(message_id)
+
+        queue.open_body = counting_open_body  # type: ignore[method-assign]
+        ids = [await submit(queue, "bob@nowhere.example"), await submit(queue, "carol@dead.example")]
+
+        async def deferred() -> bool:
+            messages = [await queue.get(mid) for mid in ids]
+            return all(m is not None and m.recipients[0].status == "deferred" for m in messages)
+
+        await until(deferred)
+        assert recipient(await queue.get(ids[1]), "carol@dead.example").attempts == 1
+        assert reads == []
+
+    asyncio.run(with_deliverer(tmp_path, clock, body,
+                               route=[{"domain": "dead.example", "next_hop": "[127.0.0.1]:9"}]))
