@@ -294,6 +294,18 @@ def _one_line(value: str) -> str:
 
 ONE_LINE = Check("one line of text of at most 200 characters", _one_line)
 
+# What useradd accepts by default (NAME_REGEX), so a name that passes here can be created as written.
+_ACCOUNT_RE = re.compile(r"[a-z_][a-z0-9_-]{0,30}\$?")
+
+
+def _account_name(value: str) -> str:
+    if not _ACCOUNT_RE.fullmatch(value):
+        raise ValueError(value)
+    return value
+
+
+ACCOUNT = Check("a system account name such as mailward", _account_name)
+
 ListenerKind = Literal["mx", "submission", "submissions"]
 # Outbound TLS security levels, weakest first; delivery.policy.SecurityLevel has the same values.
 SecurityLevelName = Literal["none", "may", "encrypt", "dane", "dane-only", "verify", "secure"]
@@ -599,6 +611,11 @@ class Config:
     state_dir: Path = field(metadata=setting(
         "directory for the queue, users and pid file; relative to this file's directory",
         "/var/lib/mailward"))
+    user: Annotated[str, ACCOUNT] | None = field(metadata=setting(
+        "account to run as when started as root: the listeners are bound first (ports below 1024 "
+        "need root), state_dir is given to this user and its primary group, then root is dropped "
+        "for good; required when started as root (\"root\" keeps every privilege, e.g. in a container "
+        "that confines it); ignored when not started as root", None))
     local_domains: tuple[Annotated[str, DOMAIN], ...] = field(metadata=setting(
         "domains whose mail is delivered here", []))
     relay_domains: tuple[Annotated[str, DOMAIN], ...] = field(metadata=setting(

@@ -65,6 +65,7 @@ def test_defaults() -> None:
     cfg = load({"tls": CERTS})
     assert cfg.hostname == "mx.example.org"  # from getfqdn, lower-cased
     assert cfg.state_dir == Path("/var/lib/mailward")
+    assert cfg.user is None  # started as root, mailward then refuses to run until one is set
     assert cfg.local_domains == () and cfg.relay_domains == ()
     assert [(lc.kind, lc.address, lc.port) for lc in cfg.listeners] == [
         ("mx", "0.0.0.0", 25), ("mx", "::", 25),
@@ -139,6 +140,7 @@ def test_sqlite_url_gives_the_queue_path(tmp_path: Path) -> None:
 FULL = """\
 hostname = "mx1.example.net"
 state_dir = "state"
+user = "mailward"
 local_domains = ["example.net", "example.com"]
 relay_domains = ["partner.example"]
 
@@ -264,6 +266,7 @@ def test_full_file_loads_every_value(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert cfg == Config(
         hostname="mx1.example.net",
         state_dir=etc / "state",
+        user="mailward",
         local_domains=("example.net", "example.com"),
         relay_domains=("partner.example",),
         listeners=(
@@ -511,6 +514,9 @@ ERRORS: list[tuple[dict[str, Any], str]] = [
      "local.alias[0].name must be the local part of an address, such as postmaster"),
     ({**L, "local": {"alias": [{"name": "postmaster", "targets": []}]}},
      "local.alias[0].targets must be a non-empty array, got []."),
+    ({**L, "user": "Mail Ward"}, "user must be a system account name such as mailward, got 'Mail Ward'."),
+    ({**L, "user": 110}, "user must be a system account name such as mailward, got 110."),
+    ({**L, "user": ""}, "user must be a system account name such as mailward, got ''."),
 ]
 
 
