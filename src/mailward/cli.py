@@ -24,7 +24,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.demo:
         config, password = prepare_demo(Path(args.state_dir))
-        return run_service(config, demo_banner(config, password))
+        return run_service(config, demo_banner(config, password), demo=True)
     return run_service(_config(args))
 
 

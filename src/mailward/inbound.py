@@ -143,7 +143,8 @@ def server_options(config: Config, lc: ListenerConfig, has_tls: bool) -> ServerO
 class Listener:
     """One bound address:port of one kind, with its connection limits and live sessions."""
 
-    def __init__(self, lc: ListenerConfig, services: InboundServices) -> None:
+    def __init__(self, lc: ListenerConfig, services: InboundServices, *,
+                 sock: socket.socket | None = None) -> None:
         self.config = lc
         self.services = services
         self.options = server_options(services.config, lc, services.tls is not None)
@@ -151,6 +152,8 @@ class Listener:
         self.per_ip: Counter[str] = Counter()
         self.server: asyncio.Server | None = None
         self.draining = False
+        # Bound before root was dropped (service.bind_listeners); else start() binds lc's address.
+        self.sock = sock
 
     @property
     def name(self) -> str:
@@ -158,6 +161,9 @@ class Listener:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.sock is not None:
+            self.server = await loop.create_server(lambda: _InboundStream(self), sock=self.sock, backlog=1024)
+            return
         self.server = await loop.create_server(
             lambda: _InboundStream(self), self.config.address, self.config.port,
             reuse_address=True, backlog=1024,

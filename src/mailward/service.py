@@ -5,17 +5,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import grp
 import logging
 import os
+import pwd
 import secrets
 import signal
+import socket
+import stat
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mailward import __version__
 from mailward.auth import AuthThrottle, UserStore, UserStoreError
-from mailward.config import Config, ConfigError, check_files, demo_config, demo_toml
+from mailward.config import Config, ConfigError, ListenerConfig, check_files, demo_config, demo_toml
 from mailward.delivery import Deliverer, build_deliverer
 from mailward.delivery.local import LocalRecipients
 from mailward.inbound import InboundServices, Listener, LocalListener, LocalSocketError, local_socket_path
@@ -35,6 +41,200 @@ DEMO_USER = "demo@mailward.test"
 
 class StartupError(Exception):
     """Something the operator must fix before mailward can start; the message says what and how."""
+
+
+# --- started as root: bind, give state_dir to the user, drop root for good -------------------------
+#
+# No part of mailward stays root: there is no privileged helper to ask later. So everything root is
+# needed for happens before the drop (binding ports below 1024, creating and handing over state_dir),
+# and everything the running server reads again later must be readable by the user: a SIGHUP reload
+# re-reads the certificate files as that user, which is why start-up checks them after the drop.
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """The unprivileged account mailward continues as once its listeners are bound."""
+
+    name: str
+    uid: int
+    gid: int
+
+
+def _name_of(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def process_account(config: Config, *, demo: bool = False) -> Account | None:
+    """The account to drop to, or None to stay as started; refuses to run as root without `user`."""
+    euid = os.geteuid()
+    if euid != 0:
+        me = _name_of(euid)
+        if config.user is not None and config.user != me:
+            log.warning("user = %s applies only when mailward is started as root; running as %s (uid %d)",
+                        config.user, me, euid)
+        else:
+            log.info("running as %s (uid %d): not started as root, so there is nothing to drop", me, euid)
+        return None
+    if config.user is None:
+        if demo:
+            # The demo binds only ports above 1024 and keeps its state in the checkout, so it stays
+            # the invoking user rather than needing an account that `make run` cannot assume exists.
+            log.warning("the demo runs as root, the invoking user; a real configuration must set user")
+            return None
+        raise StartupError(
+            "mailward was started as root and the configuration sets no user to run as; add "
+            "user = \"mailward\" (an unprivileged account of its own) to it, or start mailward as that "
+            "account.")
+    try:
+        pw = pwd.getpwnam(config.user)
+    except KeyError:
+        raise StartupError(
+            f"user: no account named {config.user} exists on this system; create it with useradd --system "
+            f"--user-group --no-create-home --home-dir {config.state_dir} --shell /usr/sbin/nologin "
+            f"{config.user}, or name an existing account.") from None
+    if pw.pw_uid == 0:
+        log.warning("user = %s is root: mailward keeps every privilege; prefer an account of its own",
+                    config.user)
+        return None
+    return Account(pw.pw_name, pw.pw_uid, pw.pw_gid)
+
+
+def hand_over_state(config: Config, account: Account) -> None:
+    """Give state_dir and what is in it to the account, so files made by root's tools stay writable.
+
+    Walked by directory descriptor without following symbolic links, and files with more than one
+    link are left alone, so nothing planted in state_dir can redirect a chown outside it. The message
+    files in Maildirs (cur, new, tmp) are not visited: mailward only ever adds to those directories.
+    """
+    state = config.state_dir
+    if len(state.resolve().parts) < 3:  # "/", "/var", "/srv": shared with the rest of the system
+        raise StartupError(
+            f"state_dir: {state} is too close to the root of the file system to be given to user "
+            f"{account.name}; point state_dir at a directory of mailward's own such as /var/lib/mailward.")
+    maildir = config.local.maildir
+    uid, gid = account.uid, account.gid
+    changed = 0
+    try:
+        fd = os.open(state, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            st = os.fstat(fd)
+            if (st.st_uid, st.st_gid) != (uid, gid):
+                os.fchown(fd, uid, gid)
+                changed += 1
+        finally:
+            os.close(fd)
+        for top, dirs, files, top_fd in os.fwalk(state, follow_symlinks=False):
+            in_maildir = Path(top) == maildir or maildir in Path(top).parents
+            for name in [*dirs, *files]:
+                st = os.stat(name, dir_fd=top_fd, follow_symlinks=False)
+                if stat.S_ISLNK(st.st_mode) or (not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1):
+                    continue
+                if (st.st_uid, st.st_gid) != (uid, gid):
+                    os.chown(name, uid, gid, dir_fd=top_fd, follow_symlinks=False)
+                    changed += 1
+            if in_maildir:
+                dirs[:] = [d for d in dirs if d not in ("cur", "new", "tmp")]
+    except OSError as exc:
+        raise StartupError(
+            f"state_dir: {exc.filename or state} cannot be given to user {account.name} ({exc.strerror}); "
+            "put state_dir on a file system where root may change owners.") from None
+    if changed:
+        log.info("state_dir %s: %d entries given to %s:%s", state, changed, account.name, _group_name(gid))
+
+
+def bind_listeners(config: Config) -> list[socket.socket]:
+    """A bound socket per configured listener, in order; done first, as ports below 1024 need root."""
+    bound: list[socket.socket] = []
+    try:
+        for i, lc in enumerate(config.listeners):
+            bound.append(_bind(i, lc))
+    except BaseException:
+        for sock in bound:
+            sock.close()
+        raise
+    return bound
+
+
+def _bind(i: int, lc: ListenerConfig) -> socket.socket:
+    family = socket.AF_INET6 if ":" in lc.address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # As asyncio's create_server would: restartable at once, and "::" leaves IPv4 to "0.0.0.0".
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((lc.address, lc.port))
+    except OSError as exc:
+        sock.close()
+        why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            hint = "stop the other server or change the port"
+        elif exc.errno == errno.EACCES and lc.port < 1024:
+            hint = "ports below 1024 need mailward to be started as root, with user set"
+        else:
+            hint = "check the address and that mailward may bind it"
+        raise StartupError(f"listener[{i}] ({lc.kind}) cannot listen on {lc.address}:{lc.port}: {why}; "
+                           f"{hint}.") from None
+    return sock
+
+
+def drop_privileges(account: Account) -> None:
+    """Become the account for good: groups, then gid, then uid; then prove root cannot come back."""
+    uid, gid = account.uid, account.gid
+    try:
+        os.initgroups(account.name, gid)
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    except OSError as exc:
+        raise StartupError(
+            f"user: cannot switch to {account.name} ({exc.strerror}); start mailward as root with the "
+            "capabilities CAP_SETUID and CAP_SETGID.") from None
+    for regain in (os.setuid, os.setgid):
+        try:
+            regain(0)
+        except PermissionError:
+            continue
+        # Reached only where the switch was ignored (a broken sandbox); never serve mail like that.
+        raise StartupError(f"user: after switching to {account.name} mailward could become root again; run "
+                           "it on a system where setuid() drops privileges.")
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid) or _capabilities():
+        raise StartupError(f"user: switching to {account.name} left privileges behind; run mailward without "
+                           "ambient capabilities or SECBIT_KEEP_CAPS.")
+    log.info("privileges dropped: running as %s (uid %d, gid %d, groups %s)", account.name, uid, gid,
+             ",".join(_group_name(g) for g in os.getgroups()) or "none")
+
+
+def _capabilities() -> int:
+    """Any capability still permitted, effective or ambient, from /proc; 0 where /proc is absent."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return 0
+    found = 0
+    for line in status.splitlines():
+        if line.startswith(("CapPrm:", "CapEff:", "CapAmb:")):
+            found |= int(line.split()[1], 16)
+    return found
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) where start-up, reloads and shutdown are; a no-op outside it."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address or not address.startswith(("/", "@")):
+        return
+    target = "\0" + address[1:] if address.startswith("@") else address
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(message.encode(), target)
 
 
 async def open_queue(cfg: Config) -> SqliteQueue | PostgresQueue:
@@ -129,6 +329,33 @@ class Service:
         self.delivery_task: asyncio.Task[None] | None = None
         self.tlsrpt_task: asyncio.Task[None] | None = None
         self.stopping = asyncio.Event()
+        self.sockets: list[socket.socket] = []  # bound by prepare(), one per listener, in order
+
+    def prepare(self, *, demo: bool = False) -> None:
+        """What needs root, before the event loop: state_dir, the listening sockets, then the drop.
+
+        Started as root, everything after this runs as `user`; started as anyone else, it only binds.
+        """
+        cfg = self.config
+        account = process_account(cfg, demo=demo)
+        try:
+            check_files(cfg)  # creates state_dir, as root when started so
+        except ConfigError as exc:
+            raise StartupError(str(exc)) from None
+        if account is not None:
+            hand_over_state(cfg, account)
+        self.sockets = bind_listeners(cfg)
+        if account is not None:
+            try:
+                drop_privileges(account)
+            except StartupError:
+                self.close_sockets()
+                raise
+
+    def close_sockets(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        self.sockets.clear()
 
     async def start(self) -> None:
         cfg = self.config
@@ -161,7 +388,7 @@ class Service:
         services = InboundServices(cfg, self.queue, self.tls, users, throttle,
                                    local_refusal=LocalRecipients.from_config(cfg).refusal)
         for i, lc in enumerate(cfg.listeners):
-            listener = Listener(lc, services)
+            listener = Listener(lc, services, sock=self.sockets.pop(0) if self.sockets else None)
             try:
                 await listener.start()
             except OSError as exc:
@@ -199,13 +426,16 @@ class Service:
         """SIGHUP: new certificates for new connections; open ones keep theirs."""
         if self.tls is None:
             return
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             self.tls.reload()
             log.info("TLS certificates reloaded: %s", ", ".join(self.tls.names()))
         except CertificateError as exc:
             log.error("TLS reload failed, keeping the previous certificates: %s", exc)
+        sd_notify("READY=1")
 
     async def stop(self) -> None:
+        self.close_sockets()  # those a failed start never handed to a listener
         for listener in self.listeners:
             listener.stop_accepting()
         await asyncio.gather(*(lst.drain(DRAIN_SECONDS) for lst in self.listeners))
@@ -235,8 +465,10 @@ class Service:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         if banner:
             print(banner, flush=True)
+        sd_notify(f"READY=1\nMAINPID={os.getpid()}")
         try:
             await self.stopping.wait()
+            sd_notify("STOPPING=1")
             log.info("shutting down: no new connections, finishing transactions in flight")
         finally:
             await self.stop()
@@ -244,7 +476,8 @@ class Service:
                 pid_file.unlink()
 
 
-def run_service(config: Config, banner: str | None = None) -> int:
+def run_service(config: Config, banner: str | None = None, *, demo: bool = False) -> int:
+    """Serve until SIGTERM; 2 when start-up fails. `demo` lets `serve --demo` run as root unchanged."""
     configure_logging(config.log.level, config.log.format)
     service = Service(config)
     try:
@@ -254,6 +487,7 @@ def run_service(config: Config, banner: str | None = None) -> int:
     else:
         runner = uvloop.run
     try:
+        service.prepare(demo=demo)
         runner(service.run(banner))
     except StartupError as exc:
         print(f"mailward: {exc}", file=sys.stderr)

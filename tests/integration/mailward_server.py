@@ -19,6 +19,9 @@ from mailward.tls import demo_ca_path, make_demo_certificate
 USER = "alice@example.test"
 PASSWORD = "correct horse battery"
 KINDS = ("mx", "submission", "submissions")
+# Started as root, mailward refuses to run without `user`; the harness keeps running it as whoever
+# runs the tests by saying so (test_privileges.py covers the drop to an account of its own).
+RUN_AS = "root" if os.geteuid() == 0 else None
 
 
 def free_port() -> int:
@@ -46,6 +49,8 @@ class MailwardServer:
     address: str = "127.0.0.1"
     # (chain, key) files for [[tls.certificates]], the first the default; empty: the demo pair.
     certificates: tuple[tuple[Path, Path], ...] = ()
+    # The top-level `user` key; None leaves it out.
+    user: str | None = RUN_AS
     _log_offset: int = 0
 
     @property
@@ -103,6 +108,7 @@ port = {self.port(kind)}
         return f"""
 hostname = "mx.example.test"
 state_dir = "state"
+{f'user = "{self.user}"' if self.user else ""}
 local_domains = ["example.test"]
 {self.extra_toml}
 {listeners}{certificates}
