@@ -439,6 +439,19 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsConfig:
+    enabled: bool = field(metadata=setting(
+        "serve Prometheus metrics over HTTP at http://address:port/metrics", False))
+    address: Annotated[str, IP_ADDRESS] = field(metadata=setting(
+        "address the metrics endpoint listens on; loopback unless allow_remote is set", "127.0.0.1"))
+    port: Annotated[int, Range(1, 65535)] = field(metadata=setting(
+        "port of the metrics endpoint", 9425))
+    allow_remote: bool = field(metadata=setting(
+        "allow a non-loopback address: the endpoint has no authentication and shows traffic "
+        "patterns, so put a firewall in front of it", False))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RouteConfig:
     domain: Annotated[str, ROUTE_DOMAIN] = field(metadata=setting(
         "recipient domain this route applies to; a leading '.' (\".example.org\") means its subdomains"))
@@ -629,6 +642,7 @@ class Config:
     auth: AuthConfig = field(metadata=setting("SMTP AUTH on submission listeners", {}))
     queue: QueueConfig = field(metadata=setting("where accepted messages are kept until delivered", {}))
     log: LogConfig = field(metadata=setting("log output on stderr", {}))
+    metrics: MetricsConfig = field(metadata=setting("the Prometheus /metrics endpoint", {}))
     delivery: DeliveryConfig = field(metadata=setting("outbound delivery: retries, limits, routes", {}))
     dns: DnsConfig = field(metadata=setting("how delivery resolves MX and address records", {}))
     mta_sts: MtaStsConfig = field(metadata=setting("MTA-STS policies of recipient domains (RFC 8461)", {}))
@@ -891,6 +905,21 @@ def _check_whole(config: Config, raw: Mapping[str, Any], loader: _Loader) -> Non
                               "in only one of them.")
     _check_delivery(config.delivery)
     _check_policies(config)
+    _check_metrics(config)
+
+
+def _check_metrics(config: Config) -> None:
+    mc = config.metrics
+    if not mc.enabled:
+        return
+    if not mc.allow_remote and not ipaddress.ip_address(mc.address).is_loopback:
+        raise ConfigError(f"metrics.address {mc.address} is not a loopback address, and the endpoint has no "
+                          "authentication; use 127.0.0.1 or ::1, or set metrics.allow_remote = true behind a "
+                          "firewall.")
+    for i, lc in enumerate(config.listeners):
+        if lc.port == mc.port and _addresses_overlap(lc.address, mc.address):
+            raise ConfigError(f"metrics.port {mc.port} clashes with listener[{i}] ({_endpoint(lc)}); give "
+                              "the metrics endpoint another port.")
 
 
 def match_domain(domain: str, patterns: Sequence[str]) -> int | None:
@@ -1082,6 +1111,11 @@ port = 2587
 [[tls.certificates]]
 cert = {q(var / "tls" / "cert.pem")}
 key = {q(var / "tls" / "key.pem")}
+
+# Prometheus metrics at http://127.0.0.1:2925/metrics
+[metrics]
+enabled = true
+port = 2925
 
 # "demo" is the demo user (demo@mailward.test): postmaster and every unknown local part land in
 # state_dir/mail/demo/, so any test message can be seen there.

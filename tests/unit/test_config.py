@@ -25,6 +25,7 @@ from mailward.config import (
     ListenerConfig,
     LocalConfig,
     LogConfig,
+    MetricsConfig,
     MtaStsConfig,
     PolicyConfig,
     QueueConfig,
@@ -190,6 +191,12 @@ path = "spool/queue.db"
 level = "debug"
 format = "json"
 
+[metrics]
+enabled = true
+address = "::1"
+port = 9100
+allow_remote = false
+
 [delivery]
 enabled = false
 concurrency = 50
@@ -289,6 +296,7 @@ def test_full_file_loads_every_value(tmp_path: Path, monkeypatch: pytest.MonkeyP
                         failure_delay=0.25, max_failure_delay=2.0),
         queue=QueueConfig(url=None, path=etc / "spool/queue.db"),
         log=LogConfig(level="debug", format="json"),
+        metrics=MetricsConfig(enabled=True, address="::1", port=9100, allow_remote=False),
         delivery=DeliveryConfig(
             enabled=False, concurrency=50, per_destination=10, slow_start_initial=3, connect_timeout=20.0,
             command_timeout=120.0, data_timeout=300.0, retry_initial=60.0, retry_max=3600.0,
