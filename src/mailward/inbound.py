@@ -39,6 +39,17 @@ from mailward.auth import (
     start_exchange,
 )
 from mailward.config import Config, ListenerConfig, ListenerKind
+from mailward.metrics import (
+    AuthResult,
+    Connected,
+    ConnectionRefused,
+    Disconnected,
+    MessageAccepted,
+    MessageRefused,
+    TlsEstablished,
+    TlsFailed,
+    emit,
+)
 from mailward.queue import Envelope, Queue, QueueError, Recipient, TlsFacts, Transaction
 from mailward.smtp import codes
 from mailward.smtp.address import AddressError, domain_to_ascii
@@ -204,7 +215,7 @@ class Listener:
         return True
 
     def _refuse(self, stream: SmtpStream, reply: Reply, why: str) -> bool:
-        log.warning("%s: refused connection from %s: %s", self.name, stream.peer[0], why)
+        emit(ConnectionRefused(listener=self.name, client=stream.peer[0], reason=why))
         if self.config.kind != "submissions":  # no TLS yet on 465: just close
             stream.write(reply.to_bytes())
         stream.close()
@@ -417,13 +428,13 @@ class Session:
     async def run(self) -> None:
         lc = self.listener.config
         started = time.monotonic()
+        emit(Connected(listener=self.listener.name, client=self.client_ip))
         try:
             if lc.kind == "submissions":
                 if not await self._handshake(implicit=True):
                     return
                 self.engine.tls_active = True
             self.engine.greet()
-            log.info("%s connect", self.log_prefix)
             await self._loop()
         except (StreamClosed, ConnectionError) as exc:
             log.info("%s connection lost: %s", self.log_prefix, exc)
@@ -435,20 +446,25 @@ class Session:
         finally:
             await self._abort_message()
             self.stream.close()
-            log.info("%s disconnect after %.1fs", self.log_prefix, time.monotonic() - started)
+            emit(Disconnected(listener=self.listener.name, client=self.client_ip,
+                              seconds=time.monotonic() - started,
+                              tls_version=self.tls.version if self.tls is not None else None))
 
     async def _handshake(self, *, implicit: bool = False) -> bool:
         tls = self.services.tls
         assert tls is not None
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self.listener.config.handshake_timeout):
                 sslobj = await self.stream.start_tls(tls.context, server_side=True, implicit=implicit)
         except (TimeoutError, OSError, StreamClosed) as exc:
             # str(), not the exception itself: an exception is always truthy, a timeout's text empty.
-            log.info("%s TLS handshake failed: %s", self.log_prefix, str(exc) or "timeout")
+            emit(TlsFailed(listener=self.listener.name, client=self.client_ip, reason=str(exc) or "timeout",
+                           seconds=time.perf_counter() - started))
             return False
         self.tls = tls_facts(sslobj)
-        log.info("%s TLS %s %s", self.log_prefix, self.tls.version, self.tls.cipher)
+        emit(TlsEstablished(listener=self.listener.name, client=self.client_ip, version=self.tls.version,
+                            cipher=self.tls.cipher, seconds=time.perf_counter() - started))
         return True
 
     def _flush(self) -> None:
@@ -537,7 +553,7 @@ class Session:
             await self._body_ended(ev)
         elif isinstance(ev, BodyRejected):
             self.in_data = False
-            log.warning("%s message refused: %s", self.log_prefix, ev.reason)
+            emit(MessageRefused(listener=self.listener.name, client=self.client_ip, reason=ev.reason))
             await self._abort_message()
         elif isinstance(ev, TransactionReset):
             await self._abort_message()
@@ -694,9 +710,9 @@ class Session:
             await self._abort_message()
             return
         self.message = None
-        log.info("%s %s: from=<%s> nrcpt=%d size=%d%s", self.log_prefix, queue_id,
-                 msg.txn.envelope.sender, len(msg.recipients), msg.txn.size,
-                 f" tls={self.tls.version}" if self.tls else "")
+        emit(MessageAccepted(listener=self.listener.name, client=self.client_ip, queue_id=queue_id,
+                             sender=msg.txn.envelope.sender, nrcpt=len(msg.recipients), size=msg.txn.size,
+                             tls_version=self.tls.version if self.tls else None))
         self.engine.accept(codes.r(250, "2.0.0", f"Ok: queued as {queue_id}"))
 
     async def _abort_message(self) -> None:
@@ -806,7 +822,7 @@ class Session:
             await self._auth_failed(cred.authcid, "bad credentials", counted=True)
             return
         services.throttle.success(self.client_ip, record.name, services.clock())
-        log.info("%s AUTH %s ok", self.log_prefix, record.name)
+        emit(AuthResult(listener=self.listener.name, client=self.client_ip, user=record.name, ok=True))
         engine.auth_succeeded(record.name)
 
     async def _auth_admission(self, user: str) -> AuthTicket | None:
@@ -830,7 +846,8 @@ class Session:
         if not counted:
             throttle.failure(self.client_ip, user, self.services.clock())
         delay = throttle.delay_for(self.client_ip, user, self.services.clock())
-        log.warning("%s AUTH failed for %s: %s", self.log_prefix, user or "?", reason)
+        emit(AuthResult(listener=self.listener.name, client=self.client_ip, user=user, ok=False,
+                        reason=reason))
         if delay > 0:
             await asyncio.sleep(delay)
         self.engine.respond(codes.AUTH_FAILED)

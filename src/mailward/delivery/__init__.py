@@ -66,6 +66,7 @@ from mailward.delivery.policy import (
     sts_matches,
     tlsa_hosts,
 )
+from mailward.metrics import DeliveryResult, DeliveryStatus, NotificationQueued, TlsResult, emit
 from mailward.queue import (
     CorruptMessage,
     DestinationSlots,
@@ -390,6 +391,25 @@ class _Outcome:
             return None
         return TlsVerdict(protocol=tls.protocol, cipher=tls.cipher, verified=tls.verified,
                           policy=self.policy, failure=tls.failure, trust=tls.trust, dane=tls.dane)
+
+    def tls_result(self) -> TlsResult | None:
+        """The attempt's transport security in the metrics' words; None unless it reached an SMTP
+        host or was held back because no host could give the TLS the policy demands."""
+        tls, outcome = self.tls, self.outcome
+        if outcome.status != "delivered":
+            # A required TLS that failed, or a plan that found no host able to meet the policy
+            # (4.7.5, or 5.7.30 under REQUIRETLS); a remote 5.7.x reply has a relay, not "none".
+            if tls.failure is not None and self.policy not in (None, "none", "may"):
+                return "deferred_policy"
+            if self.policy is None and self.relay == "none" and outcome.enhanced[1:3] == ".7":
+                return "deferred_policy"
+        if self.verdict() is None:
+            return None
+        if not tls.active:
+            return "plaintext"
+        if tls.verified:
+            return "dane_verified" if tls.dane is not None or self.policy == "dane" else "sts_verified"
+        return "opportunistic"
 
 
 @dataclass(eq=False, slots=True)
@@ -1145,9 +1165,10 @@ class Deliverer:
             log.error("%s: results not recorded, the message will be retried: %s", message.id, exc)
             return
         for address, (s, o) in settled.items():
-            log.info("%s: to=<%s>, relay=%s, delay=%.1f, tls=%s, dsn=%s, status=%s (%s)",
-                     message.id, address, o.relay, max(0.0, now - message.envelope.received_at),
-                     o.tls.summary(), s.enhanced, s.status_word, s.result.reply)
+            emit(DeliveryResult(queue_id=message.id, to=address, relay=o.relay,
+                                delay=max(0.0, now - message.envelope.received_at), tls=o.tls.summary(),
+                                tls_result=o.tls_result(), dsn=s.enhanced, status=_STATUS[s.result.status],
+                                expired=s.status_word == "expired", reply=s.result.reply))
 
     async def _notify(self, message: StoredMessage, reports: list[RecipientReport], now: float) -> bool:
         """Queue the notification for `reports`; False only if one was due and could not be queued."""
@@ -1172,7 +1193,7 @@ class Deliverer:
         except (QueueError, ValueError) as exc:
             log.error("%s: cannot queue the delivery status notification: %s", message.id, exc)
             return False
-        log.info("%s: sender %s notification: %s", message.id, _NOTICE[dsn.kind], dsn_id)
+        emit(NotificationQueued(queue_id=message.id, kind=dsn.kind, notification_id=dsn_id))
         return True
 
     async def _original(self, message: StoredMessage, *, whole: bool) -> bytes:
@@ -1193,7 +1214,8 @@ class Deliverer:
         return data
 
 
-_NOTICE = {"failure": "non-delivery", "delay": "delay", "success": "delivery status"}
+_STATUS: dict[ResultStatus, DeliveryStatus] = {"delivered": "delivered", "deferred": "deferred",
+                                               "failed": "bounced"}
 
 
 def _deferral(reply: str) -> RecipientOutcome:

@@ -27,6 +27,7 @@ from cryptography import x509
 
 from mailward.delivery.dane import verify_chain
 from mailward.delivery.policy import Candidate, TlsRequirement
+from mailward.metrics import TlsHandshake, emit
 from mailward.queue import Recipient, ResultStatus, StoredMessage, TlsTrust, TlsVerdict
 from mailward.reports.tlsrpt import ResultType, handshake_result_type
 from mailward.smtp.address import AddressError, Mailbox, parse_mailbox
@@ -355,16 +356,19 @@ class Session:
         verify = tls.verify == "pkix"
         context = _context(verify, tls.ca_file)
         name = tls.verify_name or self.candidate.host
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
                 sslobj = await self.stream.start_tls(context, server_side=False, server_hostname=name)
         except (TimeoutError, ssl.SSLError, OSError, StreamClosed) as exc:
+            emit(TlsHandshake(relay=self.candidate.relay, seconds=time.perf_counter() - started, ok=False))
             why = _tls_failure(exc)
             self.abort()
             raise AttemptError("4.7.5" if isinstance(exc, ssl.SSLCertVerificationError) else "4.7.0",
                                f"TLS with {self.candidate.relay} failed: {why}",
                                retry_plaintext=tls.plaintext_after_failed_handshake and not tls.implicit,
                                tls=TlsOutcome(failure=why, result_type=handshake_result_type(exc))) from None
+        emit(TlsHandshake(relay=self.candidate.relay, seconds=time.perf_counter() - started, ok=True))
         facts = tls_facts(sslobj)
         chain = peer_chain(sslobj)
         self.peer_chain = tuple(chain)

@@ -51,6 +51,7 @@ from dns.rdtypes.IN.AAAA import AAAA
 
 from mailward.config import parse_next_hop
 from mailward.delivery.policy import HostFacts, RouteFacts, TlsaFacts, TlsaRecord
+from mailward.metrics import DnsLookup, emit
 
 __all__ = [
     "DnsError",
@@ -404,7 +405,15 @@ class DnsResolver:
     async def _ask(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> _Lookup:
         if self._broken is not None:
             raise DnsTemporaryError(self._broken)
-        response = await self._exchange(name, rdtype)
+        started = time.perf_counter()
+        ok = False
+        try:
+            response = await self._exchange(name, rdtype)
+            ok = True
+        finally:
+            rtype = dns.rdatatype.to_text(rdtype)
+            emit(DnsLookup(query=f"{rtype} {_text(name)}", rdtype=rtype,
+                           seconds=time.perf_counter() - started, ok=ok))
         return _interpret(name, rdtype, response, trust_ad=self.trust_ad, resolver=self.labels)
 
     async def _network_exchange(self, name: dns.name.Name,
