@@ -4,6 +4,7 @@ tlsa | policy show | version."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
 import sys
 import warnings
@@ -24,8 +25,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.demo:
         config, password = prepare_demo(Path(args.state_dir))
-        return run_service(config, demo_banner(config, password), demo=True)
-    return run_service(_config(args))
+        return run_service(_log_format(config, args), demo_banner(config, password), demo=True)
+    return run_service(_log_format(_config(args), args))
+
+
+def _log_format(config: Config, args: argparse.Namespace) -> Config:
+    """--log-format overrides log.format, e.g. JSON for one run under a log collector."""
+    if args.log_format is None:
+        return config
+    return dataclasses.replace(config, log=dataclasses.replace(config.log, format=args.log_format))
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -161,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--demo", action="store_true",
                        help="run the embedded default: loopback listeners, demo certificate and user")
     serve.add_argument("--state-dir", default="var", help="state directory for --demo (default: var)")
+    serve.add_argument("--log-format", choices=("human", "json"),
+                       help="log line format, overriding log.format: human text or one JSON object per line")
     serve.set_defaults(func=cmd_serve)
 
     reload = sub.add_parser("reload", parents=[common], help="reload certificates (SIGHUP)")

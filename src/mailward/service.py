@@ -25,6 +25,7 @@ from mailward.config import Config, ConfigError, ListenerConfig, check_files, de
 from mailward.delivery import Deliverer, build_deliverer
 from mailward.delivery.local import LocalRecipients
 from mailward.inbound import InboundServices, Listener, LocalListener, LocalSocketError, local_socket_path
+from mailward.metrics import JsonFormatter, Metrics, MetricsEndpoint, QueueSize, emit
 from mailward.queue import QueueError
 from mailward.queue.sqlite import SqliteQueue
 from mailward.reports.tlsrpt import ReportResolver, ReportSender
@@ -259,13 +260,13 @@ async def open_queue(cfg: Config) -> SqliteQueue | PostgresQueue:
 
 
 def configure_logging(level: str, fmt: str) -> None:
+    """Every record to stderr: human text, or one JSON object per line (events add their fields)."""
+    handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        pattern = ('{"time":"%(asctime)s","logger":"%(name)s","level":"%(levelname)s",'
-                   '"message":%(message)r}')
+        handler.setFormatter(JsonFormatter())
     else:
-        pattern = "%(asctime)s %(name)s %(levelname)s %(message)s"
-    logging.basicConfig(level=getattr(logging, level.upper()), format=pattern, stream=sys.stderr,
-                        force=True)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
 
 
 DEMO_CONFIG_FILE = "mailward.toml"
@@ -303,6 +304,8 @@ def demo_banner(config: Config, password: str) -> str:
     lines = [f"mailward {__version__} is running on its embedded default (state in {state}/):"]
     for lc in config.listeners:
         lines.append(f"  {lc.kind:<12} {lc.address}:{lc.port}")
+    if config.metrics.enabled:
+        lines.append(f"  {'metrics':<12} http://{config.metrics.address}:{config.metrics.port}/metrics")
     lines += [
         f"Demo user: {DEMO_USER} (password in {state}/demo-credentials)",
         "Send a message over implicit TLS with AUTH:",
@@ -328,6 +331,8 @@ class Service:
         self.deliverer: Deliverer | None = None
         self.delivery_task: asyncio.Task[None] | None = None
         self.tlsrpt_task: asyncio.Task[None] | None = None
+        self.metrics: Metrics | None = None
+        self.metrics_endpoint: MetricsEndpoint | None = None
         self.stopping = asyncio.Event()
         self.sockets: list[socket.socket] = []  # bound by prepare(), one per listener, in order
 
@@ -387,6 +392,8 @@ class Service:
                                 max_delay=float(cfg.auth.max_failure_delay))
         services = InboundServices(cfg, self.queue, self.tls, users, throttle,
                                    local_refusal=LocalRecipients.from_config(cfg).refusal)
+        if cfg.metrics.enabled:
+            await self._start_metrics()
         for i, lc in enumerate(cfg.listeners):
             listener = Listener(lc, services, sock=self.sockets.pop(0) if self.sockets else None)
             try:
@@ -422,6 +429,29 @@ class Service:
                 raise StartupError(str(exc)) from None
             self.tlsrpt_task = asyncio.get_running_loop().create_task(sender.run())
 
+    async def _start_metrics(self) -> None:
+        mc = self.config.metrics
+        self.metrics = Metrics()
+        self.metrics.attach()
+        endpoint = MetricsEndpoint(self.metrics, mc.address, mc.port, self._refresh_queue_gauges)
+        try:
+            await endpoint.start()
+        except OSError as exc:
+            await self.stop()
+            why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            hint = ("stop the other server or change metrics.port" if exc.errno == errno.EADDRINUSE
+                    else "check metrics.address and that mailward may bind it")
+            raise StartupError(f"the metrics endpoint cannot listen on {mc.address}:{mc.port}: {why}; "
+                               f"{hint}.") from None
+        self.metrics_endpoint = endpoint
+        log.info("listening: metrics on http://%s/metrics",
+                 f"[{mc.address}]:{mc.port}" if ":" in mc.address else f"{mc.address}:{mc.port}")
+
+    async def _refresh_queue_gauges(self) -> None:
+        queue = self.queue
+        if queue is not None:
+            emit(QueueSize(messages=await queue.count(), oldest_age=await queue.oldest_age(time.time())))
+
     def reload(self) -> None:
         """SIGHUP: new certificates for new connections; open ones keep theirs."""
         if self.tls is None:
@@ -454,6 +484,12 @@ class Service:
         if self.queue is not None:
             await self.queue.close()
             self.queue = None
+        if self.metrics_endpoint is not None:
+            await self.metrics_endpoint.stop()
+            self.metrics_endpoint = None
+        if self.metrics is not None:
+            self.metrics.detach()
+            self.metrics = None
 
     async def run(self, banner: str | None = None) -> None:
         loop = asyncio.get_running_loop()
