@@ -331,7 +331,9 @@ class Metrics:
 
     def __init__(self) -> None:
         # No `_created` series beside every counter: a restart already shows as a counter reset.
-        disable_created_metrics()
+        # (Called through a typed name: prometheus-client leaves this function unannotated.)
+        disable_created: Callable[[], None] = disable_created_metrics
+        disable_created()
         r = self.registry = CollectorRegistry()
         self.connections = Counter("mailward_connections", "Inbound connections accepted", ["listener"],
                                    registry=r)
