@@ -69,7 +69,6 @@ from mailward.queue import (
     StoredMessage,
     StsPolicyRecord,
     TlsRptTally,
-    attempt_target,
 )
 from mailward.queue.postgres_body import (
     CHANNEL,
@@ -80,9 +79,9 @@ from mailward.queue.postgres_body import (
     PostgresBodyReader,
     PostgresTransaction,
 )
+from mailward.queue.postgres_record import Recorder
 from mailward.queue.postgres_rows import (
     MESSAGE_COLUMNS,
-    after_attempt,
     configure,
     connect,
     connect_error,
@@ -138,6 +137,7 @@ class PostgresQueue:
         self._opened = False
         self._live: set[PostgresTransaction] = set()
         self._inserter = Inserter(self)
+        self._recorder = Recorder(self)
 
     # --- lifecycle ---
 
@@ -189,6 +189,7 @@ class PostgresQueue:
         for txn in builtins.list(self._live):
             txn._shutdown()
         await self._inserter.drain()  # commits already handed over finish, as they would in SQLite
+        await self._recorder.drain()
         if self._work is not None:
             self._work.set()  # an idle deliverer wakes, and its next call learns the queue closed
         for task in (self._listener, self._slot_keeper):
@@ -444,36 +445,9 @@ class PostgresQueue:
 
     async def record_attempt(self, id: str, owner: str, results: Mapping[str, RecipientResult], now: float
                              ) -> StoredMessage | None:
-        results = dict(results)
-
-        async def apply(conn: AsyncConnection[Any]) -> StoredMessage | None:
-            async with conn.transaction(), conn.cursor() as cur:
-                # The row lock orders this against another node's lease, retry or delete, so what
-                # is read here stays true until COMMIT and the outcome can be worked out from it.
-                found = await read_messages(conn, "m.id = %s FOR UPDATE OF m", (id,))
-                message, seq_of = attempt_target(found, id, owner, results)
-                if results:
-                    # This attempt's verdict replaces the last one even when None (no connection).
-                    await cur.executemany(
-                        "UPDATE recipient SET status = %s, attempts = attempts + 1, next_attempt_at = %s,"
-                        " last_reply = %s, last_attempt_at = %s, tls = %s WHERE message_id = %s AND seq = %s",
-                        [(r.status, r.next_attempt_at, r.reply, now,
-                          None if r.tls is None else r.tls.to_json(), id, seq_of[address])
-                         for address, r in results.items()])
-                updated = after_attempt(message, results, now)
-                if not updated.pending:
-                    await self._delete(cur, id)
-                    return None
-                due = min((r.next_attempt_at for r in updated.pending if r.next_attempt_at is not None),
-                          default=None)
-                await cur.execute("UPDATE message SET next_attempt_at = %s, lease_owner = NULL,"
-                                  " lease_expires_at = NULL WHERE id = %s", (due, id))
-                if due is not None and due <= now:
-                    await self._notify(cur)  # released with work due now: another node may take it
-                return updated
-
+        self._check_open()
         try:
-            return await self._run(apply)
+            return await self._recorder.record(id, owner, results, now)
         except CorruptMessage as exc:
             await self._corrupt(id, exc.detail)
 
@@ -555,6 +529,17 @@ class PostgresQueue:
                 return await self._delete(cur, id)
 
         return await self._run(delete)
+
+    async def _delete_many(self, cur: AsyncCursor[Any], ids: Sequence[str]) -> None:
+        """Remove messages whose rows this transaction has locked."""
+        if isinstance(self.bodies, DatabaseBodies):
+            await cur.execute(
+                "WITH body AS (DELETE FROM message_body WHERE message_id = ANY(%(ids)s)),"
+                " recipients AS (DELETE FROM recipient WHERE message_id = ANY(%(ids)s))"
+                " DELETE FROM message WHERE id = ANY(%(ids)s)", {"ids": list(ids)})
+            return
+        for id in ids:
+            await self._delete(cur, id)
 
     async def _delete(self, cur: AsyncCursor[Any], id: str) -> bool:
         if isinstance(self.bodies, DatabaseBodies):

@@ -458,3 +458,52 @@ def test_the_queue_tool_lists_and_reports_damaged_records_without_changing_them(
     assert [c.message_id for c in damaged] == [bad]
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT held FROM message WHERE id = %s", (bad,)).fetchone() == (False,)
+
+
+def test_concurrent_attempts_share_transactions_and_a_refused_one_fails_alone(url: str) -> None:
+    """Attempts finished together are recorded together, as commits are; one whose lease is gone
+    or whose message was removed is refused on its own, and the rest are recorded exactly as one
+    at a time would record them."""
+    async def test() -> None:
+        async with await PostgresQueue.open(url) as queue:
+            ids = await asyncio.gather(*(store(queue, b"m%d\r\n" % i, [f"r{i}@example.net", "x@example.net"])
+                                         for i in range(60)))
+            now = time.time()
+            leased = await queue.lease("w", now, 100, 60.0)
+            assert sorted(m.id for m in leased) == sorted(ids)
+            gone, stolen = ids[10], ids[20]
+            assert await queue.delete(gone)
+            with psycopg.connect(url, autocommit=True) as admin:
+                admin.execute("UPDATE message SET lease_owner = 'other' WHERE id = %s", (stolen,))
+            recorder = queue._recorder
+            before, recorded = recorder.transactions, recorder.recorded
+
+            def results(i: int) -> dict[str, RecipientResult]:
+                # Even messages are finished; odd ones keep a recipient deferred.
+                later = RecipientResult("deferred", "451 4.4.1 later", now + 600)
+                return {f"r{i}@example.net": DELIVERED, "x@example.net": DELIVERED if i % 2 == 0 else later}
+
+            outcomes = await asyncio.gather(*(queue.record_attempt(mid, "w", results(i), now)
+                                              for i, mid in enumerate(ids)), return_exceptions=True)
+            assert isinstance(outcomes[10], LeaseLost) and isinstance(outcomes[20], LeaseLost)
+            assert recorder.transactions - before < 20  # shared: far fewer than 58 transactions
+            assert recorder.recorded - recorded >= 58
+            for i, (mid, outcome) in enumerate(zip(ids, outcomes, strict=True)):
+                if i in (10, 20):
+                    continue
+                stored = await queue.get(mid)
+                if i % 2 == 0:
+                    assert outcome is None and stored is None
+                    continue
+                assert outcome is not None and not isinstance(outcome, BaseException)
+                assert outcome == stored
+                statuses = [(r.status, r.attempts) for r in outcome.recipients]
+                assert statuses == [("delivered", 1), ("deferred", 1)]
+                assert outcome.lease_owner is None
+            # The stolen message is untouched: still leased by the other owner, nothing recorded.
+            untouched = await queue.get(stolen)
+            assert untouched is not None and untouched.lease_owner == "other"
+            assert all(r.attempts == 0 for r in untouched.recipients)
+            assert await queue.count() == 30 + 1  # the 30 odd ones and the stolen one
+
+    run(test)
