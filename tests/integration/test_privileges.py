@@ -6,6 +6,7 @@ these run only as root (as `make test` does on the project's machines).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import re
@@ -76,7 +77,9 @@ def account() -> Iterator[pwd.struct_passwd]:
     try:
         yield pwd.getpwnam(name)
     finally:
-        subprocess.run(["userdel", name], check=False, capture_output=True)
+        # Fails while a process still runs as the account, which would then be a leak to report.
+        removed = subprocess.run(["userdel", name], check=False, capture_output=True, text=True)
+        assert removed.returncode == 0, removed.stderr
 
 
 @pytest.fixture
@@ -198,7 +201,8 @@ def test_binds_low_ports_as_root_then_serves_and_reloads_as_the_user(
     notify.bind(str(notify_path))
     notify_path.chmod(0o777)
     monkeypatch.setenv("NOTIFY_SOCKET", str(notify_path))
-    with notify:
+    with notify, contextlib.ExitStack() as cleanup:
+        cleanup.callback(server.stop)
         server.start()
         assert any("READY=1" in m for m in notifications(notify, "READY=1"))
         status = proc_status(server.pid)
