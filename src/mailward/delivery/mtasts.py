@@ -250,6 +250,7 @@ class StsLookup:
     failure: StsResultType | None = None
     detail: str = ""
     from_cache: bool = False
+    txt_failed: bool = False  # the TXT lookup failed: whether a policy is published is unknown
 
     @property
     def facts(self) -> StsFacts | None:
@@ -311,7 +312,7 @@ class MtaSts:
             # A failed TXT lookup is no reason to drop a policy we hold, nor to fetch one.
             if cached is not None:
                 return self._use(domain, cached, detail=f"TXT lookup failed ({exc}); using the cached policy")
-            return StsLookup(domain, detail=f"TXT lookup failed ({exc})")
+            return StsLookup(domain, detail=f"TXT lookup failed ({exc})", txt_failed=True)
         if record is None:
             if cached is not None:
                 return self._use(domain, cached, detail="no valid TXT record; the cached policy stays (§5.1)")
@@ -473,7 +474,10 @@ async def sts_facts(sts: MtaSts | None, config: Config, destination: Destination
         found = await sts.lookup(destination.domain, refetch=True)
     policy = found.policy
     if policy is None:
-        return None
+        # Announced, or not known to be absent, but not to be had, and nothing cached: delivered as
+        # if there were none, except what needs it (REQUIRETLS), which waits.
+        unavailable = found.failure is not None or found.txt_failed
+        return StsFacts("none", unavailable=True) if unavailable else None
     if policy.mode == "testing":
         # Delivered anyway (§5); what enforce would have refused is logged for the operator.
         for host in facts.hosts:

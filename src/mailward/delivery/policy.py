@@ -273,6 +273,9 @@ class StsFacts:
     mode: Literal["enforce", "testing", "none"]
     mx: tuple[str, ...] = ()  # patterns; "*.example.net" matches exactly one more label
     ca_file: Path | None = None  # the Web PKI roots MX certificates are checked against; None: system's
+    # A policy is announced but could not be had, and none is cached (mode "none" then): MTA-STS
+    # does not apply (RFC 8461 §3.3), but a REQUIRETLS message that needs it waits for it.
+    unavailable: bool = False
 
 
 def sts_matches(pattern: str, host: str) -> bool:
@@ -389,6 +392,7 @@ def plan(
                             f"and those of {destination.domain} are not"))
     candidates: list[Candidate] = []
     skipped: list[str] = []
+    waiting = False  # a host may yet qualify for REQUIRETLS: the MTA-STS policy could not be had
     for host in facts.hosts:
         requirement, why_not = _requirement(destination, facts, host, level, tlsa, sts)
         if requirement is None:
@@ -398,6 +402,7 @@ def plan(
             requirement, why_not = _for_requiretls(mode, destination, facts, host, requirement, sts)
             if requirement is None:
                 skipped.append(f"{host.name}: {why_not}")
+                waiting = waiting or why_not == _STS_AWAITED
                 continue
         if not host.addresses:
             skipped.append(f"{host.name}: no address records")
@@ -405,8 +410,13 @@ def plan(
         candidates.extend(Candidate(host.name, a, destination.port, requirement) for a in host.addresses)
     if candidates:
         return Plan(destination, tuple(candidates), skipped=tuple(skipped))
-    return Plan(destination, refusal=_no_candidates(destination, facts, requiretls, skipped),
+    return Plan(destination, refusal=_no_candidates(destination, facts, requiretls and not waiting, skipped),
                 skipped=tuple(skipped))
+
+
+# Not a verdict on the host: the policy that could authenticate it is announced but could not be
+# fetched now, so the message is deferred rather than returned (a passing fault, RFC 8461 §3.3).
+_STS_AWAITED = "REQUIRETLS waits for the domain's MTA-STS policy, announced but not fetched yet"
 
 
 def _for_requiretls(
@@ -433,6 +443,8 @@ def _for_requiretls(
     # verify/secure), to a host whose name was obtained securely: a forged insecure MX answer
     # would otherwise choose a host whose certificate PKIX happily verifies.
     if not requirement.authenticated:
+        if sts is not None and sts.unavailable:
+            return None, _STS_AWAITED
         return None, f"REQUIRETLS needs authenticated TLS, level is {requirement.level}"
     if requirement.verify == "pkix" and destination.uses_mx and not facts.mx_secure:
         covered = sts is not None and sts.mode == "enforce" and any(sts_matches(p, host.name) for p in sts.mx)

@@ -377,3 +377,25 @@ def test_an_enforced_policy_asks_pkix_with_its_ca_for_listed_hosts_only() -> Non
     assert (candidate.tls.verify, candidate.tls.verify_name, candidate.tls.ca_file) == (
         "pkix", "mx.example.org", Path("/etc/sts-ca.pem"))
     assert decision.skipped == ("other.example: not listed in the MTA-STS policy",)
+
+
+@pytest.mark.parametrize(("records", "served", "expected"), [
+    ([b"v=STSv1; id=one"], [PolicyError(RESULT_FETCH_ERROR, "refused")], StsFacts("none", unavailable=True)),
+    ([b"v=STSv1; id=one"], [b"version: STSv1\nmode: bogus\n"], StsFacts("none", unavailable=True)),
+    (None, [], StsFacts("none", unavailable=True)),  # the TXT lookup failed: published or not, unknown
+    ([], [], None),  # no TXT record: no policy, certainly
+])
+def test_a_policy_that_cannot_be_had_is_marked_unavailable(records: list[bytes] | None,
+                                                           served: list[bytes | PolicyError],
+                                                           expected: StsFacts | None) -> None:
+    """Without a cached policy, a failed fetch or lookup means delivery as without MTA-STS
+    (RFC 8461 §3.3); the facts say so, so that a REQUIRETLS message waits instead of bouncing."""
+    config = cfg()
+    dns = FakeDns()
+    dns.records = records
+
+    async def go() -> StsFacts | None:
+        m = sts(FakeStore(), dns, Clock(), served)
+        return await sts_facts(m, config, destination_for("example.org", config), FACTS)
+
+    assert run(go()) == expected
