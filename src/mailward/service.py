@@ -116,17 +116,19 @@ def hand_over_state(config: Config, account: Account) -> None:
     Walked by directory descriptor without following symbolic links, and files with more than one
     link are left alone, so nothing planted in state_dir can redirect a chown outside it. The message
     files in Maildirs (cur, new, tmp) are not visited: mailward only ever adds to those directories.
+    A state_dir that is itself a symbolic link (set up by root) is followed once, here.
     """
     state = config.state_dir
-    if len(state.resolve().parts) < 3:  # "/", "/var", "/srv": shared with the rest of the system
+    root = state.resolve()
+    if len(root.parts) < 3:  # "/", "/var", "/srv": shared with the rest of the system
         raise StartupError(
             f"state_dir: {state} is too close to the root of the file system to be given to user "
             f"{account.name}; point state_dir at a directory of mailward's own such as /var/lib/mailward.")
-    maildir = config.local.maildir
+    maildir = config.local.maildir.resolve()
     uid, gid = account.uid, account.gid
     changed = 0
     try:
-        fd = os.open(state, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
             st = os.fstat(fd)
             if (st.st_uid, st.st_gid) != (uid, gid):
@@ -134,8 +136,8 @@ def hand_over_state(config: Config, account: Account) -> None:
                 changed += 1
         finally:
             os.close(fd)
-        for top, dirs, files, top_fd in os.fwalk(state, follow_symlinks=False):
-            in_maildir = Path(top) == maildir or maildir in Path(top).parents
+        for top, dirs, files, top_fd in os.fwalk(root, follow_symlinks=False):
+            in_maildir = maildir in Path(top).parents  # a Maildir or a folder inside one
             for name in [*dirs, *files]:
                 st = os.stat(name, dir_fd=top_fd, follow_symlinks=False)
                 if stat.S_ISLNK(st.st_mode) or (not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1):

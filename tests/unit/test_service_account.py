@@ -88,3 +88,51 @@ def test_a_shared_directory_is_never_handed_over(state_dir: str) -> None:
     with pytest.raises(StartupError, match=r"too close to the root of the file system"):
         hand_over_state(cfg, Account("mailward", 118, 125))
     assert Path(state_dir).stat().st_uid != 118
+
+
+@pytest.fixture
+def as_nobody() -> Account:
+    if os.geteuid() != 0:
+        pytest.skip("changing owners needs root")
+    pw = pwd.getpwnam("nobody")
+    return Account("nobody", pw.pw_uid, pw.pw_gid)
+
+
+def test_hand_over_gives_the_tree_but_follows_no_link(tmp_path: Path, as_nobody: Account) -> None:
+    state = tmp_path / "state"
+    (state / "queue").mkdir(parents=True)
+    (state / "queue" / "queue.db").write_text("")
+    (state / "users").write_text("")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("")
+    (state / "link-to-dir").symlink_to(outside)
+    (state / "link-to-file").symlink_to(outside / "secret")
+    os.link(outside / "secret", state / "hard-link")
+    # Maildir folders are given, the messages in them are not visited (there may be millions).
+    message = state / "mail" / "alice" / "new" / "1.host"
+    message.parent.mkdir(parents=True)
+    message.write_text("")
+    (state / "mail" / "new").mkdir()  # a local user named "new" is not a Maildir folder
+    (state / "mail" / "new" / "queued").write_text("")
+
+    hand_over_state(config(state_dir=str(state), user="nobody"), as_nobody)
+
+    mine = (as_nobody.uid, as_nobody.gid)
+    for path in ("", "queue", "queue/queue.db", "users", "mail", "mail/alice", "mail/alice/new", "mail/new",
+                 "mail/new/queued"):
+        st = (state / path).lstat()
+        assert (st.st_uid, st.st_gid) == mine, path
+    assert message.stat().st_uid == 0
+    for path in (outside, outside / "secret", state / "link-to-dir", state / "link-to-file"):
+        assert path.lstat().st_uid == 0, path
+
+
+def test_hand_over_follows_a_symlinked_state_dir_once(tmp_path: Path, as_nobody: Account) -> None:
+    real = tmp_path / "srv" / "mailward"
+    (real / "queue").mkdir(parents=True)
+    link = tmp_path / "state"
+    link.symlink_to(real)
+    hand_over_state(config(state_dir=str(link), user="nobody"), as_nobody)
+    assert (real / "queue").stat().st_uid == as_nobody.uid and real.stat().st_uid == as_nobody.uid
+    assert link.lstat().st_uid == 0
