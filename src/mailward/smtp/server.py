@@ -72,9 +72,19 @@ def _has_bare_line_ending(data: bytes) -> bool:
     return data.count(b"\n") != crlf or data.count(b"\r") != crlf
 
 
-def _longest_line(data: bytes) -> int:
-    """Longest line without its LF (a CR before it counts, so CRLF lines measure text + 1)."""
-    return max(map(len, data.split(b"\n")))
+def _has_line_longer_than(data: bytes, limit: int) -> bool:
+    """Whether some line, counted without its LF (a CR before it counts), is longer than `limit`.
+
+    Jumps from one LF to the last LF within reach instead of splitting every line: a 100 KB body
+    costs about a hundred short searches in C and no allocation (splitting was a tenth of the
+    engine's time on large messages).
+    """
+    last = -1
+    while len(data) - last - 1 > limit:
+        last = data.rfind(b"\n", last + 1, last + 2 + limit)
+        if last < 0:
+            return True
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -690,7 +700,7 @@ class ServerConnection:
             return
         limit = self.options.max_text_line
         # Lines include their CRLF in the RFC 5321 §4.5.3.1.6 limit, so 998 octets of text is the most.
-        if len(body) > limit - 2 and _longest_line(body) > limit - 1:
+        if len(body) > limit - 2 and _has_line_longer_than(body, limit - 1):
             self._body_fail(codes.DATA_LINE_TOO_LONG, "line too long in DATA")
             return
         # Un-stuff on the raw CRLF structure first; normalising bare endings afterwards cannot

@@ -25,7 +25,7 @@ from mailward.smtp.events import (
     StartTlsRequested,
     TransactionReset,
 )
-from mailward.smtp.server import ServerConnection, ServerOptions
+from mailward.smtp.server import ServerConnection, ServerOptions, _has_line_longer_than
 
 EHLO = b"EHLO client.test\r\n"
 TXN = b"MAIL FROM:<a@client.test>\r\nRCPT TO:<b@mx.test>\r\nDATA\r\n"
@@ -526,3 +526,9 @@ def test_parameters_split_on_space_only() -> None:
     relayed = Mail(cmd.sender, MailParams(envid=cmd.params.envid)).to_bytes()
     assert relayed == b"MAIL FROM:<a@b.test> ENVID=x+85REQUIRETLS\r\n"
     assert parse_command(relayed[:-2]) == Mail(cmd.sender, MailParams(envid="x\x85REQUIRETLS"))
+
+
+@given(st.binary(max_size=80).map(lambda b: bytes(b"ab\r\n"[x % 4] for x in b)), st.integers(0, 12))
+@settings(max_examples=2000)
+def test_line_length_check_agrees_with_splitting_every_line(data: bytes, limit: int) -> None:
+    assert _has_line_longer_than(data, limit) == (max(map(len, data.split(b"\n"))) > limit)
