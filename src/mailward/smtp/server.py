@@ -64,12 +64,27 @@ from mailward.smtp.events import (
 AUTH_LINE_LIMIT = 12288  # RFC 4954 §4: an AUTH response line may be this long
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _BARE_CR = re.compile(rb"\r(?!\n)")
+# The first bare CR or dot-stuffed line: DATA content needs a closer look only after one.
+_CR_NOTABLE = re.compile(rb"\r(?!\n)|\r\n\.")
 
 
 def _has_bare_line_ending(data: bytes) -> bool:
     # Counting runs in C at memory speed; a regex scan was the engine's slowest step.
     crlf = data.count(b"\r\n")
     return data.count(b"\n") != crlf or data.count(b"\r") != crlf
+
+
+def _bare_and_stuffed(data: bytes) -> tuple[bool, bool]:
+    """Whether `data` has a bare CR or LF, and whether a line in it (after the first) starts with
+    a dot. One regex pass and two counts in C, a third of the time of counting CRLFs and searching
+    for dots apart: a bare CR shows in the search, a bare LF as more LFs than CRs once every CR is
+    known to have its LF."""
+    notable = _CR_NOTABLE.search(data)
+    if notable is None:
+        return data.count(b"\r") != data.count(b"\n"), False
+    at = notable.start()
+    bare = data.count(b"\r") != data.count(b"\n") or _BARE_CR.search(data, at) is not None
+    return bare, data.find(b"\r\n.", at) >= 0
 
 
 def _has_line_longer_than(data: bytes, limit: int) -> bool:
@@ -694,7 +709,7 @@ class ServerConnection:
     def _data_content(self, body: bytes, at_line_start: bool) -> None:
         if self._body_error is not None:
             return
-        bare = _has_bare_line_ending(body)
+        bare, stuffed = _bare_and_stuffed(body)
         if bare and self._check_bare():
             self._body_fail(codes.BARE_LF_DATA, "bare CR or LF in DATA")
             return
@@ -707,7 +722,7 @@ class ServerConnection:
         # create an end-of-data marker because the marker was already searched for.
         if at_line_start and body.startswith(b"."):
             body = body[1:]
-        if b"\r\n." in body:
+        if stuffed:
             body = body.replace(b"\r\n.", b"\r\n")
         if bare:
             body = self._normalize(body)

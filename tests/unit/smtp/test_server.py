@@ -25,7 +25,13 @@ from mailward.smtp.events import (
     StartTlsRequested,
     TransactionReset,
 )
-from mailward.smtp.server import ServerConnection, ServerOptions, _has_line_longer_than
+from mailward.smtp.server import (
+    ServerConnection,
+    ServerOptions,
+    _bare_and_stuffed,
+    _has_bare_line_ending,
+    _has_line_longer_than,
+)
 
 EHLO = b"EHLO client.test\r\n"
 TXN = b"MAIL FROM:<a@client.test>\r\nRCPT TO:<b@mx.test>\r\nDATA\r\n"
@@ -532,3 +538,9 @@ def test_parameters_split_on_space_only() -> None:
 @settings(max_examples=2000)
 def test_line_length_check_agrees_with_splitting_every_line(data: bytes, limit: int) -> None:
     assert _has_line_longer_than(data, limit) == (max(map(len, data.split(b"\n"))) > limit)
+
+
+@given(st.binary(max_size=80).map(lambda b: bytes(b"a.\r\n"[x % 4] for x in b)))
+@settings(max_examples=3000)
+def test_content_scan_agrees_with_counting_and_searching_apart(data: bytes) -> None:
+    assert _bare_and_stuffed(data) == (_has_bare_line_ending(data), b"\r\n." in data)
