@@ -19,7 +19,7 @@ import random
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Literal, Protocol, Self, get_args, runtime_checkable
 
@@ -46,6 +46,7 @@ __all__ = [
     "TlsTrust",
     "TlsVerdict",
     "Transaction",
+    "after_attempt",
     "attempt_target",
     "new_queue_id",
 ]
@@ -485,6 +486,22 @@ def attempt_target(
         if state.is_final:
             raise ValueError(f"recipient {address!r} of message {id} is already {state.status}")
     return message, seq_of
+
+
+def after_attempt(message: StoredMessage, results: Mapping[str, RecipientResult], now: float
+                   ) -> StoredMessage:
+    """The message as record_attempt leaves it (lease released), worked out from the row it read
+    and locked rather than read back: the same decoding rules as both backends', one read fewer."""
+    recipients = []
+    for state in message.recipients:
+        result = results.get(state.recipient.address)
+        if result is not None:
+            held = message.held and result.status not in FINAL_STATUSES
+            state = RecipientState(recipient=state.recipient, status="held" if held else result.status,
+                                   attempts=state.attempts + 1, next_attempt_at=result.next_attempt_at,
+                                   last_reply=result.reply, last_attempt_at=now, tls=result.tls)
+        recipients.append(state)
+    return replace(message, recipients=tuple(recipients), lease_owner=None, lease_expires_at=None)
 
 
 class Transaction(Protocol):

@@ -20,8 +20,15 @@ from typing import TYPE_CHECKING, Any
 
 from psycopg import AsyncConnection
 
-from mailward.queue import CorruptMessage, QueueError, RecipientResult, StoredMessage, attempt_target
-from mailward.queue.postgres_rows import after_attempt, read_messages
+from mailward.queue import (
+    CorruptMessage,
+    QueueError,
+    RecipientResult,
+    StoredMessage,
+    after_attempt,
+    attempt_target,
+)
+from mailward.queue.postgres_rows import read_messages
 
 if TYPE_CHECKING:
     from mailward.queue.postgres import PostgresQueue

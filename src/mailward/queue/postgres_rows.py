@@ -9,8 +9,7 @@ cannot be reached, and the decoding of a message row (recipients included, as JS
 from __future__ import annotations
 
 import builtins
-import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -25,13 +24,12 @@ from mailward.queue import (
     QueueError,
     QueueFull,
     Recipient,
-    RecipientResult,
     RecipientState,
     StoredMessage,
     TlsVerdict,
 )
 
-__all__ = ["MESSAGE_COLUMNS", "SELECT_MESSAGES", "after_attempt", "configure", "connect", "connect_error",
+__all__ = ["MESSAGE_COLUMNS", "SELECT_MESSAGES", "configure", "connect", "connect_error",
            "decode_rows", "describe_url", "read_messages", "storage_error"]
 
 _STORED_STATUSES = frozenset({"queued", "deferred", "delivered", "failed"})
@@ -147,22 +145,6 @@ async def read_messages(conn: AsyncConnection[Any], where: str, args: Sequence[A
     # One statement: it sees one snapshot, so a message is never read half-updated by another node.
     cur = await conn.execute(f"{SELECT_MESSAGES} WHERE {where}", args)
     return decode_rows(await cur.fetchall())
-
-
-def after_attempt(message: StoredMessage, results: Mapping[str, RecipientResult], now: float
-                   ) -> StoredMessage:
-    """The message as record_attempt leaves it (lease released), worked out from the locked row
-    rather than read back: the same decoding rules, one round trip fewer."""
-    recipients = []
-    for state in message.recipients:
-        result = results.get(state.recipient.address)
-        if result is not None:
-            held = message.held and result.status not in FINAL_STATUSES
-            state = RecipientState(recipient=state.recipient, status="held" if held else result.status,
-                                   attempts=state.attempts + 1, next_attempt_at=result.next_attempt_at,
-                                   last_reply=result.reply, last_attempt_at=now, tls=result.tls)
-        recipients.append(state)
-    return dataclasses.replace(message, recipients=tuple(recipients), lease_owner=None, lease_expires_at=None)
 
 
 def decode_rows(rows: Sequence[Sequence[Any]]) -> builtins.list[StoredMessage | CorruptMessage]:

@@ -33,6 +33,7 @@ from mailward.queue import (
     StsPolicyRecord,
     TlsRptTally,
     TlsVerdict,
+    after_attempt,
     attempt_target,
 )
 
@@ -282,7 +283,7 @@ def renew(conn: sqlite3.Connection, id: str, owner: str, expires: float) -> None
 def record_attempt(
     conn: sqlite3.Connection, id: str, owner: str, results: dict[str, RecipientResult], now: float
 ) -> StoredMessage | None:
-    _, seq_of = attempt_target(read_messages(conn, "id = ?", (id,)), id, owner, results)
+    message, seq_of = attempt_target(read_messages(conn, "id = ?", (id,)), id, owner, results)
     for address, result in results.items():
         # The verdict of this attempt replaces the last one even when it is None: a listing
         # must not pair a new reply with the TLS of an older connection.
@@ -299,20 +300,14 @@ def record_attempt(
                 seq_of[address],
             ),
         )
-    pending, due = conn.execute(
-        "SELECT count(*), min(next_attempt_at) FROM recipient"
-        " WHERE message_id = ? AND status IN ('queued', 'deferred')",
-        (id,),
-    ).fetchone()
-    if pending == 0:
+    updated = after_attempt(message, results, now)
+    if not updated.pending:
         delete(conn, id)
         return None
     conn.execute(
         "UPDATE message SET next_attempt_at = ?, lease_owner = NULL, lease_expires_at = NULL WHERE id = ?",
-        (due, id),
+        (updated.next_attempt_at, id),
     )
-    (updated,) = read_messages(conn, "id = ?", (id,))
-    assert isinstance(updated, StoredMessage)  # decoded above; only recipient columns changed
     return updated
 
 

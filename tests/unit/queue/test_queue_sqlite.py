@@ -551,6 +551,31 @@ def test_an_expired_lease_can_be_taken_over(tmp_path: Path) -> None:
     run(test)
 
 
+def test_record_attempt_returns_the_message_exactly_as_stored(tmp_path: Path) -> None:
+    """The message record_attempt returns is worked out from the row it read, not read back: it
+    must equal what a later read gives, held recipients included."""
+    verdict = TlsVerdict(protocol="TLSv1.3", cipher="TLS_AES_128_GCM_SHA256", verified=False, policy="may")
+
+    async def test() -> None:
+        async with await SqliteQueue.open(tmp_path / "q.db") as queue:
+            message_id = await store(queue, b"x\r\n", ["a@example.net", "b@example.net", "c@example.net"])
+            now = time.time()
+            assert [m.id for m in await queue.lease("w", now, 1, 60.0)] == [message_id]
+            returned = await queue.record_attempt(message_id, "w", {
+                "a@example.net": RecipientResult("deferred", "451 4.7.0 later", now + 60, verdict),
+                "b@example.net": RecipientResult("failed", "550 5.1.1 unknown")}, now)
+            assert returned is not None and returned == await queue.get(message_id)
+            # Held by the operator while a node delivers it: what is still pending reads as held.
+            assert [m.id for m in await queue.lease("w", now + 100, 1, 60.0)] == [message_id]
+            assert await queue.hold(message_id)
+            returned = await queue.record_attempt(message_id, "w", {
+                "c@example.net": RecipientResult("deferred", "451 4.4.1 no answer", now + 700)}, now + 100)
+            assert returned is not None and returned == await queue.get(message_id)
+            assert [r.status for r in returned.recipients] == ["held", "failed", "held"]
+
+    run(test)
+
+
 def test_record_attempt_moves_each_recipient_and_removes_finished_messages(tmp_path: Path) -> None:
     db = tmp_path / "q.db"
 
