@@ -110,6 +110,7 @@ log = logging.getLogger("mailward.delivery")
 INLINE_BODY = 256 * 1024  # bodies up to this size are read once and kept for every connection
 LEASE_BATCH = 200  # messages claimed per lease call
 MAX_IDLE = 60.0  # an idle loop looks at the queue at least this often
+LEASE_GATHER = 0.02  # seconds the deliverer waits after new mail wakes it, to lease it together
 STOP_GRACE = 20.0  # seconds stop() lets attempts in flight finish
 # An open connection with nothing left to send waits this long for the next message to its
 # destination (Postfix's smtp_connection_cache_time_limit): new mail arrives in small batches,
@@ -575,10 +576,10 @@ class Deliverer:
         capacity = self._max_messages - len(self._works)
         leased: list[StoredMessage] = []
         may_lease = capacity >= self._refill_at or not self._works
+        limit = min(capacity, LEASE_BATCH)
         if may_lease:
             try:
-                leased = await self.queue.lease(self.owner, self.clock(), min(capacity, LEASE_BATCH),
-                                                self.dc.lease_seconds)
+                leased = await self.queue.lease(self.owner, self.clock(), limit, self.dc.lease_seconds)
             except QueueError as exc:
                 log.error("cannot lease messages: %s", exc)
                 await asyncio.sleep(1)
@@ -588,10 +589,15 @@ class Deliverer:
             for message in leased:
                 with contextlib.suppress(QueueError):
                     await self.queue.record_attempt(message.id, self.owner, {}, self.clock())
-        elif leased:
+            return
+        if leased:
             self._dispatch(leased)
-        else:
-            await self._idle(may_lease)
+            if len(leased) >= limit:
+                return  # more may be due: lease again at once
+            # Fewer than asked: nothing else was due a moment ago, so wait for news rather than
+            # lease again for nothing.
+            may_lease = self._max_messages - len(self._works) >= self._refill_at or not self._works
+        await self._idle(may_lease)
 
     async def _idle(self, may_lease: bool) -> None:
         timeout = MAX_IDLE
@@ -608,11 +614,18 @@ class Deliverer:
         if may_lease:
             waiters.append(asyncio.ensure_future(self.queue.wait_for_work(timeout)))
         try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for w in waiters:
                 w.cancel()
             await asyncio.gather(*waiters, return_exceptions=True)
+        work = waiters[2] if may_lease else None
+        new_mail = work in done and work is not None and work.exception() is None and work.result() is True
+        if new_mail and not self._stopping.is_set() and not self._changed.is_set():
+            # New mail: let what arrives with it join the same lease, as Postfix's queue manager
+            # takes what came in since its last scan. One lease, one plan and one record batch
+            # for many messages instead of each alone, at the cost of a few milliseconds.
+            await asyncio.sleep(LEASE_GATHER)
 
     def wake(self) -> None:
         """Look at the queue now (its clock may have moved, or an operator asked for a flush)."""
