@@ -22,7 +22,9 @@ running deliverer acts on an operator's `queue flush` at once rather than after 
 tool needs no signal, pid file or permission over the server process for this.
 
 The asyncio loop never touches the disk for anything slower than a page-cache write: changes go
-through the writer thread, reads through a small pool of read-only connections.
+through the writer thread, reads through a small pool of read-only connections. Copying the WAL
+back into the database (the checkpoint) happens in a thread of its own, so a commit never waits
+behind one, as it did when SQLite's automatic checkpoint ran inside every thousandth page's commit.
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ T = TypeVar("T")
 
 _SQLITE_FULL = 13  # primary result code; extended codes keep it in the low byte
 _KIB = 1024
+CHECKPOINT_INTERVAL = 0.1  # seconds between the checkpointer's looks at a WAL the writer has grown
+# The writer checkpoints by itself only if the checkpointer falls this far behind (pages).
+WRITER_AUTOCHECKPOINT = 16_384
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -110,6 +115,7 @@ class SqliteQueueStats:
     commits: int = 0  # messages stored
     largest_batch: int = 0
     spooled: int = 0  # transactions whose body outgrew memory and went to a spool file
+    checkpoints: int = 0  # passive checkpoints the checkpointer thread ran (written by that thread)
 
 
 class _Op(Generic[T]):
@@ -182,6 +188,8 @@ class SqliteQueue:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._work: asyncio.Event | None = None
         self._writer: threading.Thread | None = None
+        self._checkpointer: threading.Thread | None = None
+        self._checkpoint_stop = threading.Event()
         self._writer_conn: sqlite3.Connection | None = None
         self._writer_synced = True
         self._cond = threading.Condition(threading.Lock())
@@ -234,6 +242,9 @@ class SqliteQueue:
         # consistent whatever moment the thread stops at.
         self._writer = threading.Thread(target=self._writer_main, name="mailward-queue-writer", daemon=True)
         self._writer.start()
+        self._checkpointer = threading.Thread(target=self._checkpointer_main,
+                                              name="mailward-queue-checkpoint", daemon=True)
+        self._checkpointer.start()
 
     def _open_storage(self) -> sqlite3.Connection:
         try:
@@ -257,6 +268,7 @@ class SqliteQueue:
                 raise QueueError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute(f"PRAGMA journal_size_limit = {64 * _KIB * _KIB}")
+            conn.execute(f"PRAGMA wal_autocheckpoint = {WRITER_AUTOCHECKPOINT}")
             store.create_schema(conn, self.path)
             _fsync_directory(self.path.parent)  # the new database (and WAL) names are durable too
         except BaseException as exc:
@@ -288,6 +300,9 @@ class SqliteQueue:
     def _close_blocking(self) -> None:
         if self._writer is not None:
             self._writer.join()
+        if self._checkpointer is not None:
+            self._checkpoint_stop.set()
+            self._checkpointer.join()
         if self._readers is not None:
             self._readers.shutdown(wait=True)
         with self._reader_lock:
@@ -377,6 +392,37 @@ class SqliteQueue:
                 assert self._loop is not None
                 with contextlib.suppress(RuntimeError):  # loop already closed: nobody is waiting
                     self._loop.call_soon_threadsafe(self._settle, batch)
+        finally:
+            conn.close()
+
+    def _checkpointer_main(self) -> None:
+        """Copy committed WAL frames into the database while the writer goes on committing.
+
+        A PASSIVE checkpoint from another connection takes no write lock, so commits continue
+        meanwhile; once it has copied everything, the writer's next transaction starts the WAL
+        over. The writer's own automatic checkpoint stays as a backstop at WRITER_AUTOCHECKPOINT.
+        """
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._configure(conn)
+        except sqlite3.Error as exc:
+            log.warning("queue checkpointer cannot open %s; the writer checkpoints instead: %s",
+                        self.path, exc)
+            return
+        seen = -1
+        try:
+            # Its own event: waiting on the writer's condition could take the writer's wake-ups.
+            while not self._checkpoint_stop.wait(CHECKPOINT_INTERVAL):
+                batches = self.stats.batches
+                if batches == seen:
+                    continue
+                seen = batches
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:  # the writer's backstop checkpoint still runs
+                    log.warning("queue checkpoint failed: %s", exc)
+                    continue
+                self.stats.checkpoints += 1
         finally:
             conn.close()
 
