@@ -15,8 +15,8 @@ def toml_blocks() -> list[str]:
     return re.findall(r"```toml\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
 
 
-def test_the_configuration_and_the_postgresql_queue_load() -> None:
-    main, queue = toml_blocks()
+def test_the_configuration_metrics_and_the_postgresql_queue_load() -> None:
+    main, metrics, queue = toml_blocks()
     cfg = config_from_dict(tomllib.loads(main), str(DOC))
     assert cfg.user == "mailward" and cfg.state_dir == Path("/var/lib/mailward")
     assert cfg.dns.resolvers == ("127.0.0.1",)  # the loopback Unbound that DNSSEC status needs
@@ -24,5 +24,7 @@ def test_the_configuration_and_the_postgresql_queue_load() -> None:
                                                                    ("submission", 587)]
     # Where the certbot hook installs the copies the dropped user can read.
     assert cfg.tls.certificates[0].key == Path("/etc/mailward/tls/mail.example.org/privkey.pem")
+    watched = config_from_dict(tomllib.loads(main + metrics), str(DOC))
+    assert watched.metrics.enabled and (watched.metrics.address, watched.metrics.port) == ("127.0.0.1", 9425)
     moved = config_from_dict(tomllib.loads(main + queue), str(DOC))
     assert moved.queue.postgres_url == "postgresql://mailward@/mailward?host=/run/postgresql"
