@@ -179,16 +179,21 @@ def _bind(i: int, lc: ListenerConfig) -> socket.socket:
         sock.bind((lc.address, lc.port))
     except OSError as exc:
         sock.close()
-        why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
-        if exc.errno == errno.EADDRINUSE:
-            hint = "stop the other server or change the port"
-        elif exc.errno == errno.EACCES and lc.port < 1024:
-            hint = "ports below 1024 need mailward to be started as root, with user set"
-        else:
-            hint = "check the address and that mailward may bind it"
-        raise StartupError(f"listener[{i}] ({lc.kind}) cannot listen on {lc.address}:{lc.port}: {why}; "
-                           f"{hint}.") from None
+        raise bind_failure(exc, f"listener[{i}] ({lc.kind})", lc.address, lc.port) from None
     return sock
+
+
+def bind_failure(exc: OSError, what: str, address: str, port: int, *, port_key: str = "the port",
+                 address_key: str = "the address") -> StartupError:
+    """The one sentence for a socket that cannot listen: what, where, why and how to fix it."""
+    why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+    if exc.errno == errno.EADDRINUSE:
+        hint = f"stop the other server or change {port_key}"
+    elif exc.errno == errno.EACCES and port < 1024:
+        hint = "ports below 1024 need mailward to be started as root, with user set"
+    else:
+        hint = f"check {address_key} and that mailward may bind it"
+    return StartupError(f"{what} cannot listen on {address}:{port}: {why}; {hint}.")
 
 
 def drop_privileges(account: Account) -> None:
@@ -402,12 +407,7 @@ class Service:
                 await listener.start()
             except OSError as exc:
                 await self.stop()
-                why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-                hint = ("stop the other server or change the port" if exc.errno == errno.EADDRINUSE
-                        else "check the address and that mailward may bind it")
-                raise StartupError(
-                    f"listener[{i}] ({lc.kind}) cannot listen on {lc.address}:{lc.port}: {why}; "
-                    f"{hint}.") from None
+                raise bind_failure(exc, f"listener[{i}] ({lc.kind})", lc.address, lc.port) from None
             self.listeners.append(listener)
             log.info("listening: %s on %s:%d", lc.kind, lc.address, lc.port)
         # Always present, never configured: local programs submit through it (mailward sendmail).
@@ -440,11 +440,8 @@ class Service:
             await endpoint.start()
         except OSError as exc:
             await self.stop()
-            why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-            hint = ("stop the other server or change metrics.port" if exc.errno == errno.EADDRINUSE
-                    else "check metrics.address and that mailward may bind it")
-            raise StartupError(f"the metrics endpoint cannot listen on {mc.address}:{mc.port}: {why}; "
-                               f"{hint}.") from None
+            raise bind_failure(exc, "the metrics endpoint", mc.address, mc.port, port_key="metrics.port",
+                               address_key="metrics.address") from None
         self.metrics_endpoint = endpoint
         log.info("listening: metrics on http://%s/metrics",
                  f"[{mc.address}]:{mc.port}" if ":" in mc.address else f"{mc.address}:{mc.port}")
