@@ -94,6 +94,18 @@ def test_text_form() -> None:
     assert "\x1b[" in console.export_text(styles=True)  # coloured on a terminal
 
 
+def test_hosts_not_found_by_mx_are_not_labelled_as_mx() -> None:
+    console = Console(record=True, width=200, highlight=False)
+    explicit = dict(report("secure"), destination={"key": "smarthost", "kind": "smarthost",
+                                                   "next_hop": "[192.0.2.25]:587"})
+    submission = dict(report("secure"), kind="submission", port=465)
+    for r in (explicit, submission):
+        for line in render(r):
+            console.print(line)
+        text = console.export_text()
+        assert "host mx.example.org: Verified" in text and "MX 10" not in text
+
+
 def test_a_check_that_cannot_run_says_so_in_one_sentence(tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "mailward.toml"

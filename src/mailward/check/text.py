@@ -51,8 +51,11 @@ def render(report: dict[str, Any]) -> list[str]:
         if rpt is not None:
             lines.append("TLS-RPT: " + e(", ".join(rpt["rua"]) if not rpt["error"]
                                          else f"none ({rpt['error']})"))
+    # Hosts found by an MX lookup carry their preference; a submission server, our own name or an
+    # explicit next hop is just a host.
+    by_mx = kind == "mx" and report.get("destination", {}).get("next_hop") is None
     for host in report["mx"]:
-        lines.extend(_render_host(host))
+        lines.extend(_render_host(host, by_mx))
     if kind == "self":
         for cert in report["certificates"]:
             c = cert["certificate"]
@@ -85,11 +88,12 @@ def _record_text(r: dict[str, Any]) -> str:
     return f"{r['usage']} {r['selector']} {r['matching_type']} {data} ({r['meaning']}; {state}{matched})"
 
 
-def _render_host(host: dict[str, Any]) -> list[str]:
+def _render_host(host: dict[str, Any], by_mx: bool) -> list[str]:
     from rich.markup import escape as e
 
     verdict = host.get("verdict", "Unreachable")
-    lines = [f"[bold]MX {host['preference']} {e(host['name'])}[/]: [{_HOST_STYLE[verdict]}]{verdict}[/]"]
+    label = f"MX {host['preference']} {e(host['name'])}" if by_mx else f"host {e(host['name'])}"
+    lines = [f"[bold]{label}[/]: [{_HOST_STYLE[verdict]}]{verdict}[/]"]
     if not any(c["accepted"] for c in host.get("connections", [])):
         lines.append(f"  {e(str(host.get('reason', '')))}")
     if "dnssec" in host:
