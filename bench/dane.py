@@ -45,7 +45,7 @@ from dnssec import DnsLab, start_dnssec
 from mailward_server import MailwardServer
 from outbound import SIZE, Delivery
 from postfix_instance import LOOPBACK, SBIN_PATH, free_port
-from server import NOISY_CORES, MailwardProcess, process_cpu, raise_nofile, system_busy
+from server import NOISY_CORES, RUN_AS, MailwardProcess, process_cpu, raise_nofile, system_busy
 
 from mailward.tls import make_demo_certificate
 
@@ -80,7 +80,7 @@ class Sender(MailwardProcess):
         return f"""\
 hostname = "mx.example.test"
 state_dir = "state"
-relay_domains = ["{DOMAIN}"]
+{RUN_AS}relay_domains = ["{DOMAIN}"]
 
 [[listener]]
 kind = "mx"
