@@ -132,10 +132,15 @@ level = "{self.log_level}"
 
     def cli(self, *args: str, stdin: str | None = None, check: bool = True,
             config: Path | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
+        done = subprocess.run(
             [sys.executable, "-m", "mailward.cli", *args, "--config", str(config or self.config_path)],
-            input=stdin, capture_output=True, text=True, check=check, timeout=60, cwd=self.root,
+            input=stdin, capture_output=True, text=True, check=False, timeout=60, cwd=self.root,
         )
+        if check and done.returncode != 0:
+            # What mailward said is the whole story of a failed command: keep it in the report.
+            raise AssertionError(f"mailward {' '.join(args)} exited with {done.returncode}:\n"
+                                 f"{done.stderr}{done.stdout}")
+        return done
 
     def start(self, timeout: float = 20.0) -> None:
         """Start `mailward serve` and wait until it wrote its pid file, i.e. every listener is bound.

@@ -111,6 +111,8 @@ INLINE_BODY = 256 * 1024  # bodies up to this size are read once and kept for ev
 LEASE_BATCH = 200  # messages claimed per lease call
 MAX_IDLE = 60.0  # an idle loop looks at the queue at least this often
 LEASE_GATHER = 0.02  # seconds the deliverer waits after new mail wakes it, to lease it together
+RECORD_RETRIES = 6  # tries again to record an attempt's results, 0.5 s apart and doubling (31.5 s)
+RECORD_RETRY_FIRST = 0.5
 STOP_GRACE = 20.0  # seconds stop() lets attempts in flight finish
 # An open connection with nothing left to send waits this long for the next message to its
 # destination (Postfix's smtp_connection_cache_time_limit): new mail arrives in small batches,
@@ -1165,18 +1167,26 @@ class Deliverer:
                     retry = RecipientResult("deferred", s.result.reply, now + self.dc.retry_initial)
                     settled[address] = (Settled(retry, None, "deferred", s.enhanced), o)
         results = {address: replace(s.result, tls=o.verdict()) for address, (s, o) in settled.items()}
-        try:
-            await self.queue.record_attempt(message.id, self.owner, results, now)
-        except LeaseLost:
-            log.warning("%s: lease lost before the results were recorded; another worker retries it",
-                        message.id)
-            return
-        except CorruptMessage as exc:
-            log.error("%s: %s", message.id, exc)
-            return
-        except QueueError as exc:
-            log.error("%s: results not recorded, the message will be retried: %s", message.id, exc)
-            return
+        for attempt in range(RECORD_RETRIES + 1):
+            try:
+                await self.queue.record_attempt(message.id, self.owner, results, now)
+                break
+            except LeaseLost:
+                log.warning("%s: lease lost before the results were recorded; another worker retries it",
+                            message.id)
+                return
+            except CorruptMessage as exc:
+                log.error("%s: %s", message.id, exc)
+                return
+            except QueueError as exc:
+                # A full disk or a busy database passes. The mail has gone already: trying to record
+                # it again (the lease is renewed meanwhile) beats sending it again after the lease.
+                if attempt == RECORD_RETRIES or self._stopping.is_set():
+                    log.error("%s: results not recorded, the message will be retried: %s", message.id, exc)
+                    return
+                delay = RECORD_RETRY_FIRST * 2 ** attempt
+                log.warning("%s: results not recorded yet, trying again in %.1fs: %s", message.id, delay, exc)
+                await asyncio.sleep(delay)
         for address, (s, o) in settled.items():
             emit(DeliveryResult(queue_id=message.id, to=address, relay=o.relay,
                                 delay=max(0.0, now - message.envelope.received_at), tls=o.tls.summary(),

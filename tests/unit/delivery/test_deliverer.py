@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+import mailward.delivery as delivery_module
 from mailward.config import ConfigError, config_from_dict
 from mailward.delivery import (
     DeadHosts,
@@ -25,7 +26,7 @@ from mailward.delivery import (
     tls_required_no,
 )
 from mailward.delivery.attempt import RecipientOutcome, TlsOutcome
-from mailward.queue import Envelope, Recipient, RecipientState, StoredMessage, TlsVerdict
+from mailward.queue import Envelope, QueueError, Recipient, RecipientState, StoredMessage, TlsVerdict
 from mailward.queue.sqlite import SqliteQueue
 
 DAY = 86400.0
@@ -412,3 +413,34 @@ def test_a_destination_that_cannot_take_mail_costs_no_read_of_the_content(tmp_pa
 
     asyncio.run(with_deliverer(tmp_path, clock, body,
                                route=[{"domain": "dead.example", "next_hop": "[127.0.0.1]:9"}]))
+
+
+def test_results_that_cannot_be_recorded_yet_are_recorded_again(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk that clears: the attempt's results are written once it does, rather than left
+    for the lease to expire (which would send delivered mail a second time)."""
+    monkeypatch.setattr(delivery_module, "RECORD_RETRY_FIRST", 0.01)
+    clock = Clock()
+    failures = [QueueError("queue storage is full"), QueueError("queue storage is full")]
+
+    async def body(queue: SqliteQueue, _: Deliverer) -> None:
+        record_attempt = queue.record_attempt
+
+        async def failing_at_first(*args: Any) -> Any:
+            if failures:
+                raise failures.pop(0)
+            return await record_attempt(*args)
+
+        queue.record_attempt = failing_at_first  # type: ignore[method-assign]
+        mid = await submit(queue, "bob@nowhere.example")
+
+        async def recorded() -> bool:
+            m = await queue.get(mid)
+            return m is not None and m.recipients[0].attempts == 1
+
+        await until(recorded)
+        assert failures == []
+        m = await queue.get(mid)
+        assert m is not None and m.lease_owner is None  # released, not left to expire
+
+    asyncio.run(with_deliverer(tmp_path, clock, body))
