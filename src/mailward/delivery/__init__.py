@@ -387,10 +387,15 @@ class _Outcome:
     remote_mta: str | None = None
     policy: str | None = None  # the TLS security level of an SMTP attempt; None for local delivery
 
+    def reached_host(self) -> bool:
+        """Whether this attempt reached an SMTP host (local delivery and failed lookups did not)."""
+        tls = self.tls
+        return self.policy is not None and (self.relay != "none" or tls.active or tls.failure is not None)
+
     def verdict(self) -> TlsVerdict | None:
         """What the queue keeps as the TLS of this attempt; None unless it reached an SMTP host."""
         tls = self.tls
-        if self.policy is None or (self.relay == "none" and not tls.active and tls.failure is None):
+        if not self.reached_host():
             return None
         return TlsVerdict(protocol=tls.protocol, cipher=tls.cipher, verified=tls.verified,
                           policy=self.policy, failure=tls.failure, trust=tls.trust, dane=tls.dane)
@@ -406,7 +411,7 @@ class _Outcome:
                 return "deferred_policy"
             if self.policy is None and self.relay == "none" and outcome.enhanced[1:3] == ".7":
                 return "deferred_policy"
-        if self.verdict() is None:
+        if not self.reached_host():
             return None
         if not tls.active:
             return "plaintext"
@@ -577,7 +582,7 @@ class Deliverer:
     async def _step(self) -> None:
         capacity = self._max_messages - len(self._works)
         leased: list[StoredMessage] = []
-        may_lease = capacity >= self._refill_at or not self._works
+        may_lease = self._may_lease()
         limit = min(capacity, LEASE_BATCH)
         if may_lease:
             try:
@@ -598,8 +603,12 @@ class Deliverer:
                 return  # more may be due: lease again at once
             # Fewer than asked: nothing else was due a moment ago, so wait for news rather than
             # lease again for nothing.
-            may_lease = self._max_messages - len(self._works) >= self._refill_at or not self._works
+            may_lease = self._may_lease()
         await self._idle(may_lease)
+
+    def _may_lease(self) -> bool:
+        """Whether enough slots are free to lease (or nothing is in flight at all)."""
+        return self._max_messages - len(self._works) >= self._refill_at or not self._works
 
     async def _idle(self, may_lease: bool) -> None:
         timeout = MAX_IDLE
